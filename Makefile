@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pact tests
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pact demo

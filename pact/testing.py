@@ -1,0 +1,774 @@
+"""Tiny random vision-language models, processors and sample inputs for tests, demos and benchmarks.
+
+Everything here is built in code, offline (no hub access): a byte-level BPE tokenizer trained on a
+fixed corpus with the ``tokenizers`` library, the stock Hugging Face processor of each family built
+from local parts, and a model of each family with a 4-layer, 64-wide text decoder and a 2-layer
+vision tower. The models are random, so their answers are meaningless, but every code path of the
+real checkpoints (placeholder expansion, anyres crops, image newlines, M-RoPE, GQA, video) runs.
+
+    from pact import testing
+    model, processor = testing.tiny_pair("llava_onevision")
+    inputs = testing.build_inputs("llava_onevision", processor,
+                                  [{"question": "What is this?", "images": [testing.sample_image()]}])
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+Families (``FAMILIES``) and their Hugging Face classes (text decoder / vision tower):
+
+- ``qwen2_vl``: Qwen2VLForConditionalGeneration (Qwen2-VL text with M-RoPE / Qwen2-VL ViT, 2x2 merge)
+- ``qwen2_5_vl``: Qwen2_5_VLForConditionalGeneration (same text / windowed-attention ViT)
+- ``llava_onevision``: LlavaOnevisionForConditionalGeneration (qwen2 / SigLIP, anyres + image_newline)
+- ``llava_next``: LlavaNextForConditionalGeneration (llama / CLIP minus [CLS], anyres + image_newline)
+- ``llava``: LlavaForConditionalGeneration, LLaVA-1.5 (llama / CLIP minus [CLS], one fixed crop)
+- ``internvl``: InternVLForConditionalGeneration, HF-native InternVL3 (qwen2 / InternViT, tiles)
+
+Visual tokens of the default ``sample_image()`` (96 x 64): 20 (Qwen), 70 (LLaVA-OneVision/-NeXT,
+of which 6 are image_newline slots), 36 (LLaVA-1.5), 28 (InternVL, 7 tiles of 4); a 4-frame
+``sample_video()``: 12 (Qwen), 17 (LLaVA-OneVision), 16 (InternVL).
+
+Tiny models are ~10x faster with ``torch.set_num_threads(1)`` (small ops pay thread wake-ups).
+
+Batching limits (what ``build_inputs`` cannot put in one batch) are listed in ``BATCH_LIMITS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
+"""The model families the tiny builders cover (keys for every function of this module)."""
+
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+"""Families whose Hugging Face class and processor accept videos (LLaVA-NeXT and LLaVA-1.5 do not)."""
+
+_NO_LIMIT = "none"
+BATCH_LIMITS: dict[str, str] = {
+    "qwen2_vl": _NO_LIMIT,
+    "qwen2_5_vl": _NO_LIMIT,
+    "llava_onevision": "videos with different frame counts (the stock video processor stacks frames)",
+    "llava_next": _NO_LIMIT + " (no video support)",
+    "llava": _NO_LIMIT + " (no video support)",
+    "internvl": "videos with different frame counts (the stock video processor stacks frames)",
+}
+"""Per family, the sample mixes ``build_inputs`` cannot put in one batch (measured on transformers
+5.23). Everything else batches: text-only next to image samples, one image next to several images
+of different sizes, image next to video samples, image and video in one sample."""
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<image>",
+    "<video>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+)
+"""Special tokens of the tiny tokenizer; they get the ids 0..len-1 in this order for every family."""
+
+TOKENIZER_VOCAB_SIZE = 400
+"""Target size of the tiny BPE vocabulary (byte alphabet + special tokens + merges)."""
+
+TEXT_VOCAB_SIZE = 512
+"""``vocab_size`` of every tiny text decoder (>= the tokenizer's size, like real checkpoints)."""
+
+_CORPUS: tuple[str, ...] = (
+    "What is in the image? Describe the picture in one sentence.",
+    "Is there a red circle on the left? Answer yes or no.",
+    "The photo shows a woman in a uniform standing in front of a flag.",
+    "How many squares are there? There are three blue squares and two green triangles.",
+    "What color is the sky? The sky is light blue with white clouds.",
+    "Describe the video. A ball moves from the left to the right of the frame.",
+    "Compare the two images and tell me what changed between them.",
+    "Read the text in the image and answer the question about the chart.",
+    "A cat sits on a wooden table next to a cup of coffee.",
+    "The man is riding a bicycle down a street at night.",
+    "Which object is bigger, the yellow one or the black one?",
+    "Answer with a single word: dog, cat, car, tree, house, boat or person.",
+    "0 1 2 3 4 5 6 7 8 9 10 20 100 first second third left right top bottom middle",
+)
+
+# Placeholder text that one image / one video takes in a prompt, per family (the processor expands it).
+_IMAGE_PLACEHOLDER: dict[str, str] = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava_onevision": "<image>",
+    "llava_next": "<image>",
+    "llava": "<image>",
+    "internvl": "<IMG_CONTEXT>",
+}
+_VIDEO_PLACEHOLDER: dict[str, str] = {
+    "qwen2_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+    "llava_onevision": "<video>",
+    "internvl": "<video>",
+}
+
+# Tokenizer attributes that the stock processors read (``tokenizer.image_token`` etc.).
+_TOKENIZER_EXTRA_SPECIALS: dict[str | None, dict[str, str]] = {
+    None: {"image_token": "<image>", "video_token": "<video>"},
+    "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    "qwen2_5_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
+    "llava_next": {"image_token": "<image>"},
+    "llava": {"image_token": "<image>"},
+    "internvl": {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    },
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def chat_template(family: str | None = None) -> str:
+    """A minimal ChatML-style Jinja chat template for ``family``.
+
+    Message content is a string or a list of ``{"type": "text", "text": ...}``, ``{"type": "image"}``
+    and ``{"type": "video"}`` items; images and videos become the family's placeholder text, which
+    the processor then expands to the right number of visual tokens.
+    """
+    image = _IMAGE_PLACEHOLDER.get(family or "", "<image>")
+    video = _VIDEO_PLACEHOLDER.get(family or "", "<video>")
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif item['type'] == 'video' -%}{{ '" + video + "' }}"
+        "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    """Train the byte-level BPE once per process; the JSON is the cache (the trainer is deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_CORPUS) * 20, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(family: str | None = None) -> Any:
+    """A fast tokenizer trained locally: byte-level BPE, ~400 tokens, same ids for every family.
+
+    The special tokens of all families (``SPECIAL_TOKENS``) have fixed ids 0..14; ``<pad>``,
+    ``<eos>`` and ``<bos>`` are the pad/eos/bos tokens; padding is on the left. ``family`` selects the
+    chat template and the attributes the family's processor reads (``image_token``, InternVL's
+    ``context_image_token`` ...). Returns a new object each call (training is cached).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if family is not None:
+        _check_family(family)
+    backend = Tokenizer.from_str(_trained_tokenizer_json())
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+        chat_template=chat_template(family),
+        extra_special_tokens=dict(_TOKENIZER_EXTRA_SPECIALS[family]),
+    )
+
+
+def token_id(token: str) -> int:
+    """Id of one of ``SPECIAL_TOKENS`` (identical for every family's tokenizer)."""
+    return SPECIAL_TOKENS.index(token)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model configurations
+
+_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": TEXT_VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    # ~1/sqrt(hidden): HF's default 0.02 leaves the residual stream ~ the token embedding, so logits
+    # are nearly flat (std 0.16), greedy decoding echoes the last token and barely depends on the
+    # image. At this scale logits have unit spread and outputs depend on the whole context.
+    "initializer_range": 0.125,
+    "bos_token_id": token_id("<bos>"),
+    "eos_token_id": token_id("<eos>"),
+    "pad_token_id": token_id("<pad>"),
+}
+
+# Vision side of each family. Sizes are chosen so one sample image gives ~16-80 visual tokens.
+_VISION_SIZE = 56  # crop/tile size (pixels) of the LLaVA-NeXT/-OneVision/InternVL towers
+_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+_LLAVA_SIZE = 84  # LLaVA-1.5 has one fixed crop: 6 x 6 patches = 36 tokens
+_QWEN_MIN_PIXELS = 28 * 28 * 16  # >= 16 merged tokens per image
+_QWEN_MAX_PIXELS = 28 * 28 * 64  # <= 64 merged tokens per image
+_INTERNVL_MAX_TILES = 6
+_INTERNVL_TOKENS_PER_TILE = 4  # (56 / 14)^2 patches, pixel shuffle 0.5 -> 4 tokens
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(base)
+    out.update(overrides or {})
+    return out
+
+
+def tiny_config(
+    family: str,
+    *,
+    num_hidden_layers: int = 4,
+    text_overrides: Mapping[str, Any] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """The ``PretrainedConfig`` of a tiny ``family`` model (see ``tiny_model`` for the shapes).
+
+    ``text_overrides`` / ``vision_overrides`` update the text / vision sub-config dicts (e.g.
+    ``{"hidden_size": 128}``); for the Qwen families the M-RoPE sections follow the final head size.
+    """
+    import transformers as T
+
+    _check_family(family)
+    text = _merged({**_TEXT_CONFIG, "num_hidden_layers": num_hidden_layers}, text_overrides)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        if "rope_parameters" not in (text_overrides or {}):
+            # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections; real
+            # checkpoints use 1/4, 3/8, 3/8 of it ([16, 24, 24] for head_dim 128). The sum must be
+            # head_dim / 2, else the rotary embedding silently has the wrong size.
+            half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+            height = (half - half // 4 + 1) // 2
+            section = [half // 4, height, half - half // 4 - height]
+            text["rope_parameters"] = {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": section,
+            }
+        ids = {
+            "image_token_id": token_id("<|image_pad|>"),
+            "video_token_id": token_id("<|video_pad|>"),
+            "vision_start_token_id": token_id("<|vision_start|>"),
+            "vision_end_token_id": token_id("<|vision_end|>"),
+        }
+        if family == "qwen2_vl":
+            vision = {"depth": 2, "embed_dim": 32, "hidden_size": text["hidden_size"], "num_heads": 2}
+            return T.Qwen2VLConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **ids)
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": text["hidden_size"],
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+        return T.Qwen2_5_VLConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **ids)
+    if family == "llava_onevision":
+        vision = {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": _VISION_SIZE,
+            "patch_size": 14,
+        }
+        return T.LlavaOnevisionConfig(
+            text_config={"model_type": "qwen2", **text},
+            vision_config=_merged(vision, vision_overrides),
+            image_token_index=token_id("<image>"),
+            video_token_index=token_id("<video>"),
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+        )
+    if family in ("llava_next", "llava"):
+        size = _VISION_SIZE if family == "llava_next" else _LLAVA_SIZE
+        vision = {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": size,
+            "patch_size": 14,
+            "projection_dim": 32,
+        }
+        common = {
+            "text_config": {"model_type": "llama", **text},
+            "vision_config": _merged(vision, vision_overrides),
+            "image_token_index": token_id("<image>"),
+            "vision_feature_select_strategy": "default",
+            "vision_feature_layer": -2,
+            "image_seq_length": (size // 14) ** 2,
+        }
+        if family == "llava_next":
+            return T.LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **common)
+        return T.LlavaConfig(**common)
+    vision = {  # internvl
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": [_VISION_SIZE, _VISION_SIZE],
+        "patch_size": [14, 14],
+    }
+    return T.InternVLConfig(
+        text_config={"model_type": "qwen2", **text},
+        vision_config=_merged(vision, vision_overrides),
+        image_token_id=token_id("<IMG_CONTEXT>"),
+        image_seq_length=_INTERNVL_TOKENS_PER_TILE,
+        downsample_ratio=0.5,
+    )
+
+
+_MODEL_CLASSES: dict[str, str] = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+}
+
+
+def model_class(family: str) -> type:
+    """The Hugging Face ``...ForConditionalGeneration`` class of ``family``."""
+    import transformers
+
+    _check_family(family)
+    return getattr(transformers, _MODEL_CLASSES[family])
+
+
+def _reinit_zero_weights(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Give all-zero matrices/embeddings (e.g. InternViT's position embeddings and CLS token, which HF
+    initialises to zeros for fine-tuning from a checkpoint) small random values, so that no part of a
+    random model is degenerate. Biases and norms (1-D) are left as initialised."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and param.is_floating_point() and not param.any():
+                param.normal_(0.0, std)
+
+
+def tiny_model(
+    family: str,
+    *,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    num_hidden_layers: int = 4,
+    dtype: torch.dtype = torch.float32,
+    text_overrides: Mapping[str, Any] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """A tiny random ``family`` model in eval mode, with deterministic weights for a given ``seed``.
+
+    Text decoder: vocab 512, hidden 64, ``num_hidden_layers`` layers, 4 query heads, 2 KV heads
+    (GQA), head_dim 16, MLP 128. Vision tower: 2 layers, width 32. The global torch RNG is seeded
+    with ``seed`` before construction and restored afterwards.
+    """
+    config = tiny_config(
+        family,
+        num_hidden_layers=num_hidden_layers,
+        text_overrides=text_overrides,
+        vision_overrides=vision_overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(family)._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        _reinit_zero_weights(model)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = (token_id(t) for t in ("<pad>", "<eos>", "<bos>"))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processors
+
+
+def _image_processor(family: str) -> Any:
+    import transformers as T
+
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return T.Qwen2VLImageProcessor(
+            size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
+        )
+    if family == "llava_onevision":
+        return T.LlavaOnevisionImageProcessor(
+            size={"height": _VISION_SIZE, "width": _VISION_SIZE}, image_grid_pinpoints=_PINPOINTS
+        )
+    if family == "llava_next":
+        return T.LlavaNextImageProcessor(
+            size={"shortest_edge": _VISION_SIZE},
+            crop_size={"height": _VISION_SIZE, "width": _VISION_SIZE},
+            image_grid_pinpoints=_PINPOINTS,
+        )
+    if family == "llava":
+        return T.CLIPImageProcessor(
+            size={"shortest_edge": _LLAVA_SIZE}, crop_size={"height": _LLAVA_SIZE, "width": _LLAVA_SIZE}
+        )
+    return T.GotOcr2ImageProcessor(
+        size={"height": _VISION_SIZE, "width": _VISION_SIZE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=_INTERNVL_MAX_TILES,
+    )
+
+
+def _video_processor(family: str) -> Any:
+    import transformers as T
+
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # cap_pixels_per_frame=True: the qwen-vl-utils (reference) behaviour; also silences a warning.
+        return T.Qwen2VLVideoProcessor(
+            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}, cap_pixels_per_frame=True
+        )
+    if family == "llava_onevision":
+        return T.LlavaOnevisionVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE})
+    if family == "internvl":
+        return T.InternVLVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE})
+    return None
+
+
+@functools.cache
+def _cached_processor(family: str) -> Any:
+    import transformers as T
+
+    tok = tiny_tokenizer(family)
+    image = _image_processor(family)
+    video = _video_processor(family)
+    template = chat_template(family)
+    if family == "qwen2_vl":
+        return T.Qwen2VLProcessor(
+            image_processor=image, tokenizer=tok, video_processor=video, chat_template=template
+        )
+    if family == "qwen2_5_vl":
+        return T.Qwen2_5_VLProcessor(
+            image_processor=image, tokenizer=tok, video_processor=video, chat_template=template
+        )
+    if family == "llava_onevision":
+        return T.LlavaOnevisionProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=video,
+            num_image_tokens=(_VISION_SIZE // 14) ** 2,
+            vision_feature_select_strategy="full",
+            chat_template=template,
+        )
+    if family in ("llava_next", "llava"):
+        cls = T.LlavaNextProcessor if family == "llava_next" else T.LlavaProcessor
+        # CLIP prepends a [CLS] token (num_additional_image_tokens=1) that "default" drops again.
+        return cls(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+    return T.InternVLProcessor(
+        image_processor=image,
+        tokenizer=tok,
+        video_processor=video,
+        image_seq_length=_INTERNVL_TOKENS_PER_TILE,
+        chat_template=template,
+    )
+
+
+def tiny_processor(family: str) -> Any:
+    """The stock Hugging Face processor of ``family`` built from local parts, with a chat template.
+
+    Image sizes are small: Qwen images are resized to 16..64 merged tokens; LLaVA-OneVision/-NeXT
+    use 56-px crops (16 tokens each) with anyres grids up to 112 x 112 / 56 x 168; LLaVA-1.5 one
+    84-px crop (36 tokens); InternVL up to 6 tiles of 56 px (+ thumbnail), 4 tokens per tile. The
+    default ``sample_image()`` gives 20 / 70 / 70 / 36 / 28 visual tokens, the 512 x 600
+    ``demo_photo()`` 56 / 72 / 72 / 36 / 20. Families in ``VIDEO_FAMILIES`` also get their stock
+    video processor. Returns a fresh copy each call (construction is cached).
+    """
+    _check_family(family)
+    return copy.deepcopy(_cached_processor(family))
+
+
+def tiny_pair(family: str, **model_kwargs: Any) -> tuple[Any, Any]:
+    """``(tiny_model(family, **model_kwargs), tiny_processor(family))``."""
+    return tiny_model(family, **model_kwargs), tiny_processor(family)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images and videos
+
+
+def _palette(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
+    """``n`` saturated, well-separated colors (random hue offset, evenly spaced hues)."""
+    import colorsys
+
+    offset = rng.random()
+    colors = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb(
+            (offset + i / n) % 1.0, 0.55 + 0.4 * rng.random(), 0.6 + 0.4 * rng.random()
+        )
+        colors.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colors
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Sky-like vertical gradient above a flat "ground" band, with a striped texture patch."""
+    top, bottom, ground, stripe = _palette(rng, 4)
+    t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = (1 - t) * np.array(top, np.float32) + t * np.array(bottom, np.float32)
+    arr = np.broadcast_to(sky, (height, width, 3)).copy()
+    horizon = int(height * (0.55 + 0.2 * rng.random()))
+    arr[horizon:] = ground
+    # High-frequency texture: vertical stripes in one corner of the ground.
+    x0 = int(rng.integers(0, max(1, width // 2)))
+    x1 = min(width, x0 + max(4, width // 4))
+    cols = np.arange(x0, x1)
+    arr[horizon:, cols[(cols // 2) % 2 == 0]] = stripe
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def _draw_shapes(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, count: int
+) -> None:
+    """Flat-colored rectangles, ellipses and triangles with dark outlines (sharp edges)."""
+    for color, kind in zip(_palette(rng, count), rng.integers(0, 3, count), strict=True):
+        w = int(width * (0.15 + 0.25 * rng.random()))
+        h = int(height * (0.15 + 0.25 * rng.random()))
+        x = int(rng.integers(0, max(1, width - w)))
+        y = int(rng.integers(0, max(1, height - h)))
+        box = (x, y, x + w, y + h)
+        if kind == 0:
+            draw.rectangle(box, fill=color, outline=(20, 20, 20))
+        elif kind == 1:
+            draw.ellipse(box, fill=color, outline=(20, 20, 20))
+        else:
+            draw.polygon([(x, y + h), (x + w // 2, y), (x + w, y + h)], fill=color, outline=(20, 20, 20))
+
+
+def sample_image(seed: int = 0, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A deterministic synthetic RGB scene of ``size = (width, height)`` pixels.
+
+    It has what token clustering needs to find: a smooth gradient (sky), a flat region (ground),
+    a striped texture, 3-5 flat shapes with sharp outlines and a thin diagonal line. Different seeds
+    give different colors and layouts; the same seed always gives the same pixels.
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    image = _background(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    _draw_shapes(draw, rng, width, height, int(rng.integers(3, 6)))
+    draw.line([(0, height - 1), (width - 1, 0)], fill=(250, 250, 250), width=1)
+    return image
+
+
+def sample_video(seed: int = 0, num_frames: int = 4, size: tuple[int, int] = (96, 64)) -> list[Image.Image]:
+    """``num_frames`` deterministic RGB frames of ``size = (width, height)``: a static scene in which
+    two shapes move (one left to right, one top to bottom), so consecutive frames are largely redundant.
+
+    This list-of-PIL-frames form is what every video processor here accepts for one video.
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    scene = _background(rng, width, height)
+    ImageDraw.Draw(scene).line([(0, height - 1), (width - 1, 0)], fill=(250, 250, 250), width=1)
+    ball, box = _palette(rng, 2)
+    radius = max(3, min(width, height) // 8)
+    frames = []
+    for i in range(num_frames):
+        t = i / max(1, num_frames - 1)
+        frame = scene.copy()
+        draw = ImageDraw.Draw(frame)
+        cx = int(radius + t * (width - 2 * radius))
+        draw.ellipse((cx - radius, height // 3 - radius, cx + radius, height // 3 + radius), fill=ball)
+        cy = int(t * (height - 2 * radius))
+        draw.rectangle((width - 3 * radius, cy, width - radius, cy + 2 * radius), fill=box, outline=(0, 0, 0))
+        frames.append(frame)
+    return frames
+
+
+def demo_photo() -> Image.Image:
+    """A real photograph shipped with the package: Grace Hopper (US Navy, public domain), 512 x 600.
+
+    See ``pact/assets/README.md`` for provenance. Returned as a fully loaded RGB PIL image.
+    """
+    asset = resources.files("pact") / "assets" / "grace_hopper.jpg"
+    with resources.as_file(asset) as path, Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def prompt_messages(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The one-turn chat (``[{"role": "user", "content": [...]}]``) for a sample dict:
+    its images, then its videos, then the question text."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in sample.get("images") or ()]
+    content += [{"type": "video"} for _ in sample.get("videos") or ()]
+    content.append({"type": "text", "text": sample.get("question", "")})
+    return [{"role": "user", "content": content}]
+
+
+def build_inputs(
+    family: str,
+    processor: Any,
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    padding_side: str = "left",
+    add_generation_prompt: bool = True,
+) -> Any:
+    """Tokenize a batch of samples with the family's processor; the result feeds ``model(**x)`` and
+    ``model.generate(**x)``.
+
+    Each sample is ``{"question": str, "images": [PIL, ...], "videos": [[PIL frame, ...], ...]}``
+    (images and videos optional). The chat template puts each image/video placeholder before the
+    question; the processor expands placeholders to the right number of visual tokens and pads the
+    batch on ``padding_side``. Returns a ``BatchFeature`` of torch tensors (Qwen families include
+    ``mm_token_type_ids``; LLaVA-OneVision ``batch_num_images``).
+    """
+    _check_family(family)
+    if not samples:
+        raise ValueError("build_inputs needs at least one sample")
+    videos = [list(v) for s in samples for v in s.get("videos") or ()]
+    if videos and family not in VIDEO_FAMILIES:
+        raise ValueError(f"{family} does not accept videos (video families: {', '.join(VIDEO_FAMILIES)})")
+    texts = [
+        processor.apply_chat_template(
+            prompt_messages(s), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        for s in samples
+    ]
+    kwargs: dict[str, Any] = {}
+    images = [list(s.get("images") or ()) for s in samples]
+    if any(images):
+        # Nested per sample: LLaVA-OneVision derives batch_num_images (multi-image mode) from it.
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    return processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt", **kwargs)
+
+
+def placeholder_token_ids(family: str) -> set[int]:
+    """Token ids whose positions receive vision features in ``family`` (image and video placeholders)."""
+    _check_family(family)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return {token_id("<|image_pad|>"), token_id("<|video_pad|>")}
+    if family == "llava_onevision":
+        return {token_id("<image>"), token_id("<video>")}
+    if family in ("llava_next", "llava"):
+        return {token_id("<image>")}
+    return {token_id("<IMG_CONTEXT>")}  # InternVL videos are frames of <IMG_CONTEXT> tokens too
+
+
+def placeholder_mask(family: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Bool ``(B, T)``: positions of ``inputs["input_ids"]`` that hold image/video placeholder tokens."""
+    ids = inputs["input_ids"]
+    return torch.isin(ids, torch.tensor(sorted(placeholder_token_ids(family)), device=ids.device))
+
+
+def expected_visual_count(family: str, inputs: Mapping[str, Any], *, per_sample: bool = False) -> Any:
+    """Number of image/video placeholder tokens in ``inputs`` (an int, or a list per sample).
+
+    The model's vision side must produce exactly this many embeddings (its forward raises
+    otherwise). For LLaVA-OneVision/-NeXT the count includes the ``image_newline`` slots, which
+    share the ``<image>``/``<video>`` id (see ``patch_token_mask``).
+    """
+    counts = placeholder_mask(family, inputs).sum(dim=1)
+    return counts.tolist() if per_sample else int(counts.sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model-side facts (test oracles)
+
+
+def family_of(model: Any) -> str:
+    """The family name of a model built by this module (or a real checkpoint of the same class)."""
+    name = type(model).__name__
+    for family, cls_name in _MODEL_CLASSES.items():
+        if name == cls_name:
+            return family
+    raise ValueError(f"{name} is not one of the supported classes: {', '.join(_MODEL_CLASSES.values())}")
+
+
+@torch.no_grad()
+def patch_token_mask(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Bool ``(B, T)``: placeholder positions that receive a vision-encoder patch feature.
+
+    It differs from ``placeholder_mask`` only for LLaVA-OneVision/-NeXT, whose placeholder runs also
+    hold copies of the learned ``image_newline`` vector (same token id as the patches). This oracle
+    asks the model itself: it runs the vision side and marks the rows equal to ``image_newline``,
+    so it is independent of any token-layout arithmetic it is used to test.
+    """
+    family = family_of(model)
+    mask = placeholder_mask(family, inputs)
+    if family not in ("llava_onevision", "llava_next"):
+        return mask
+    core = model.model
+    ids = inputs["input_ids"]
+    newline = core.image_newline
+    if inputs.get("pixel_values") is not None:
+        kwargs = {"image_sizes": inputs["image_sizes"]}
+        if family == "llava_onevision" and inputs.get("batch_num_images") is not None:
+            kwargs["batch_num_images"] = inputs["batch_num_images"]
+        features = torch.cat(list(core.get_image_features(inputs["pixel_values"], **kwargs).pooler_output))
+        mask[ids == model.config.image_token_id] = ~(features == newline.to(features)).all(-1)
+    if inputs.get("pixel_values_videos") is not None:
+        features = core.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
+        mask[ids == model.config.video_token_id] = ~(features == newline.to(features)).all(-1)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_tiny(family: str, path: str | Path, **model_kwargs: Any) -> Path:
+    """Save a tiny ``family`` model and its processor (tokenizer, image/video processors, chat
+    template) to ``path`` so that ``AutoModelForImageTextToText.from_pretrained(path)`` and
+    ``AutoProcessor.from_pretrained(path)`` load them offline. ``model_kwargs`` go to
+    ``tiny_model``. Returns ``Path(path)``."""
+    model, processor = tiny_pair(family, **model_kwargs)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
