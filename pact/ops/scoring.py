@@ -1,0 +1,232 @@
+"""Importance scores of visual tokens and the exact top-k selection that prunes by them.
+
+Every score is float32 whatever the model dtype and is returned in the order of the visual
+positions (the `True` entries of `visual_mask`, ascending). Higher means more important.
+
+Conventions shared by the scores:
+- The *prefix* P is every position from 0 up to and including the last visual token (system prompt,
+  template header, text between images, every visual token). Text after the last visual token (the
+  question, in the chat templates PACT was evaluated with) is not part of P, so EUTI and the reference
+  FastV variant are query-agnostic.
+- `queries` (T, H, d) and `keys` (T, H_kv, d) are one layer's per-head projections. With grouped-query
+  attention (H_kv < H) query head h reads key head h // (H / H_kv), as transformers' `repeat_kv` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_finite(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first input that holds NaN or Inf.
+
+    One host synchronisation for all inputs together; the per-tensor search only runs on failure.
+    Float inputs only are checked (integer and bool tensors cannot hold NaN).
+    """
+    floats = {k: t for k, t in tensors.items() if t is not None and t.is_floating_point() and t.numel()}
+    if not floats:
+        return
+    ok = torch.stack([torch.isfinite(t).all() for t in floats.values()]).all()
+    if bool(ok):
+        return
+    for name, t in floats.items():
+        if not bool(torch.isfinite(t).all()):
+            n_nan = int(torch.isnan(t).sum())
+            n_inf = int(torch.isinf(t).sum())
+            raise ValueError(
+                f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf, shape {tuple(t.shape)}); "
+                "token reduction needs finite hidden states (check the model dtype for overflow)"
+            )
+
+
+def _visual_positions(visual_mask: torch.Tensor, length: int) -> torch.Tensor:
+    if visual_mask.dim() != 1 or visual_mask.numel() != length:
+        raise ValueError(f"visual_mask must have shape ({length},), got {tuple(visual_mask.shape)}")
+    if visual_mask.dtype != torch.bool:
+        raise ValueError(f"visual_mask must be a bool tensor, got {visual_mask.dtype}")
+    return visual_mask.nonzero().squeeze(1)
+
+
+def _check_heads(queries: torch.Tensor, keys: torch.Tensor, length: int) -> tuple[int, int, int]:
+    if queries.dim() != 3 or keys.dim() != 3:
+        raise ValueError(
+            "queries must be (T, H, d) and keys (T, H_kv, d), "
+            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
+    T, H, d = queries.shape
+    if not T == keys.shape[0] == length or keys.shape[2] != d:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must share T={length} and head dim"
+        )
+    H_kv = keys.shape[1]
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"number of query heads ({H}) must be a multiple of key heads ({H_kv})")
+    return H, H_kv, d
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def euti_scores(
+    hidden: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    visual_mask: torch.Tensor,
+    *,
+    support: str = "prefix",
+    query_from: str = "prefix",
+    multiply_by_norm: bool = True,
+    norm_order: float = 2.0,
+) -> torch.Tensor:
+    """EUTI importance of every visual token, without any attention matrix.
+
+    score_i = ||h_i||_p * mean_h softmax_{j in S}( qbar_h . k_{h,j} / sqrt(d) )_i
+
+    with qbar_h the mean query of head h over Q and S the softmax support.
+
+    Args:
+        hidden: (T, D) residual stream entering the layer (before its input norm).
+        queries: (T, H, d) the layer's queries, before RoPE for the reference behaviour.
+        keys: (T, H_kv, d) the layer's keys, before RoPE for the reference behaviour.
+        visual_mask: (T,) bool, True at visual tokens.
+        support: "prefix" (reference code: softmax over the prefix P) or "visual" (paper eq. 2:
+            softmax over the visual tokens only).
+        query_from: "prefix" (reference code: qbar = mean query over P) or "visual" (paper eq. 1).
+        multiply_by_norm: multiply by the p-norm of the hidden state (reference default True).
+        norm_order: p of that norm.
+
+    Returns:
+        float32 (N,) scores of the N visual tokens, in sequence order. Empty if N == 0.
+    """
+    _check_choice("support", support, ("prefix", "visual"))
+    _check_choice("query_from", query_from, ("prefix", "visual"))
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (T, D), got {tuple(hidden.shape)}")
+    T = hidden.shape[0]
+    H, H_kv, d = _check_heads(queries, keys, T)
+    vis = _visual_positions(visual_mask, T)
+    check_finite(hidden=hidden, queries=queries, keys=keys)
+    if vis.numel() == 0:
+        return torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    prefix_len = int(vis[-1]) + 1
+
+    q_rows = queries[:prefix_len] if query_from == "prefix" else queries[vis]
+    qbar = q_rows.float().mean(0).view(H_kv, H // H_kv, d)  # (H_kv, n_rep, d): heads grouped by key head
+    k_rows = keys[:prefix_len] if support == "prefix" else keys[vis]
+    # (H_kv, n_rep, S): the grouped layout reads each key head once instead of repeating it n_rep times.
+    logits = torch.einsum("gnd,sgd->gns", qbar, k_rows.float()) / math.sqrt(d)
+    attn = logits.softmax(dim=-1).reshape(H, -1).mean(0)  # (S,)
+    scores = attn[vis] if support == "prefix" else attn
+    if multiply_by_norm:
+        scores = scores * torch.linalg.vector_norm(hidden[vis].float(), ord=norm_order, dim=-1)
+    return scores
+
+
+def norm_scores(hidden: torch.Tensor, visual_mask: torch.Tensor, *, norm_order: float = 2.0) -> torch.Tensor:
+    """p-norm of each visual token's hidden state: (T, D), (T,) bool -> float32 (N,)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (T, D), got {tuple(hidden.shape)}")
+    vis = _visual_positions(visual_mask, hidden.shape[0])
+    check_finite(hidden=hidden)
+    return torch.linalg.vector_norm(hidden[vis].float(), ord=norm_order, dim=-1)
+
+
+def random_scores(
+    num: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Uniform random scores, float32 (num,); reproducible through `generator`."""
+    if generator is not None:
+        device = generator.device
+    return torch.rand(num, generator=generator, device=device, dtype=torch.float32)
+
+
+def _chunk_rows(rows_total: int, cols: int, heads: int, budget: int = 1 << 22) -> int:
+    """Query rows per chunk so one chunk's (heads, rows, cols) float32 logits stay under `budget` items."""
+    return max(1, min(rows_total, budget // max(1, heads * cols)))
+
+
+def fastv_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    visual_mask: torch.Tensor,
+    *,
+    variant: str = "reference",
+    causal: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Attention received by each visual token (FastV-style scores), float32 (N,).
+
+    variant="reference" (the reference's FastV): mean over every prefix query t in P and every head
+    of softmax_j(q_t . k_j / sqrt(d)) over the prefix keys j (j <= t when `causal`), read at the
+    visual keys. Computed in float32 over chunks of query rows (`chunk_size`, default: chunks of about
+    4M logits), so the (H, |P|, |P|) attention tensor is never materialised.
+
+    variant="original" (FastV paper): the head-mean attention of the LAST token of the sequence over
+    all keys (it sees all of them), read at the visual keys.
+
+    Pass the post-RoPE queries and keys to match the reference.
+    """
+    _check_choice("variant", variant, ("reference", "original"))
+    T = queries.shape[0] if queries.dim() == 3 else -1
+    H, H_kv, d = _check_heads(queries, keys, T)
+    vis = _visual_positions(visual_mask, T)
+    check_finite(queries=queries, keys=keys)
+    if vis.numel() == 0:
+        return torch.zeros(0, dtype=torch.float32, device=queries.device)
+    n_rep = H // H_kv
+    scale = 1.0 / math.sqrt(d)
+
+    if variant == "original":
+        q = queries[-1].float().view(H_kv, n_rep, d)
+        attn = torch.einsum("gnd,sgd->gns", q, keys.float()).mul_(scale).softmax(-1)
+        return attn.reshape(H, T).mean(0)[vis]
+
+    P = int(vis[-1]) + 1
+    k = keys[:P].float().permute(1, 2, 0)  # (H_kv, d, P)
+    q = queries[:P].float()  # (P, H, d)
+    rows = chunk_size or _chunk_rows(P, P, H)
+    received = torch.zeros(P, dtype=torch.float32, device=queries.device)
+    for start in range(0, P, rows):
+        stop = min(P, start + rows)
+        # Causal: queries < stop only see keys < stop, so the chunk only needs those columns.
+        width = stop if causal else P
+        qc = q[start:stop].view(stop - start, H_kv, n_rep, d).permute(1, 0, 2, 3)  # (H_kv, r, n_rep, d)
+        logits = torch.matmul(qc.reshape(H_kv, -1, d), k[:, :, :width]).mul_(scale)  # (H_kv, r*n_rep, w)
+        if causal:
+            t = torch.arange(start, stop, device=q.device)
+            future = torch.arange(width, device=q.device)[None, :] > t[:, None]  # (r, w)
+            logits = logits.view(H_kv, stop - start, n_rep, width)
+            logits.masked_fill_(future[None, :, None], -math.inf)
+        received[:width] += logits.reshape(-1, width).softmax(-1).sum(0)
+    return (received / (P * H))[vis]
+
+
+def keep_count(num: int, keep_ratio: float) -> int:
+    """Number of tokens pruning keeps: int(num * keep_ratio), i.e. floor, exactly as the reference."""
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+    return int(num * keep_ratio)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices of the k highest scores; ties: higher score first, then lower index.
+
+    scores: (N,) any float dtype (compared in float32). Returns LongTensor (k,).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got {tuple(scores.shape)}")
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k must be in [0, {scores.numel()}], got {k}")
+    check_finite(scores=scores)
+    # A stable descending sort keeps equal scores in index order: that is the tie rule.
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def keep_topk(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Ascending indices of the int(N * keep_ratio) highest-scoring tokens (see `topk_indices`)."""
+    return topk_indices(scores, keep_count(scores.numel(), keep_ratio))

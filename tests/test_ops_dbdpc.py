@@ -1,0 +1,285 @@
+"""DBDPC and retrieval against the paper's sequential rule, written as plainly as possible."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pact.ops import cosine_distances, dbdpc, dbdpc_from_distances, density, density_order, retrieve
+
+# `pact.ops.dbdpc` is the function (the package re-exports it); the module is reached by name.
+dbdpc_module = importlib.import_module("pact.ops.dbdpc")
+
+
+def _reference_dbdpc(dist: list[list[float]], rho: list[float], cutoff: float) -> tuple[list[int], list[int]]:
+    """Paper Algorithm 2, literally: visit by decreasing density (ties: lower index first); a point is
+    a center iff every existing center is farther than the cutoff; then each point takes its nearest
+    center (ties: the center created first, i.e. the denser one). dist[c][p] is read from c's row."""
+    n = len(dist)
+    order = sorted(range(n), key=lambda i: (-rho[i], i))
+    centers: list[int] = []
+    for i in order:
+        if all(dist[c][i] > cutoff for c in centers):
+            centers.append(i)
+    labels = []
+    for p in range(n):
+        best = centers[0]
+        for c in centers[1:]:
+            if dist[c][p] < dist[best][p]:
+                best = c
+        labels.append(p if p in centers else best)
+    return sorted(centers), labels
+
+
+def _reference_distances_and_density(x: torch.Tensor, dn: float, kernel: str):
+    """float64 double loop from the definitions (zero vectors: cosine 0)."""
+    x = x.double()
+    n = x.shape[0]
+    dist = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ni, nj = float(x[i].norm()), float(x[j].norm())
+                cos = float(x[i] @ x[j]) / (max(ni, 1e-12) * max(nj, 1e-12))
+                dist[i][j] = max(0.0, 1.0 - cos)
+    k = (lambda d: math.exp(-((d / dn) ** 2))) if kernel == "gaussian" else (lambda d: math.exp(-d / dn))
+    rho = [sum(k(d) for d in row) for row in dist]
+    return dist, rho
+
+
+def _blobs(n: int, dim: int, k: int, spread: float, seed: int) -> torch.Tensor:
+    """Points around k random directions; pairwise cosine distance inside a blob ~ dim*spread^2."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
+    which = torch.randint(0, k, (n,), generator=g)
+    scale = spread * (0.5 + torch.rand(k, generator=g))  # blobs of different tightness
+    return centers[which] + scale[which, None] * torch.randn(n, dim, generator=g)
+
+
+CASES = [
+    # (n, dim, blobs, spread, cutoff, kernel)
+    (1, 4, 1, 0.1, 0.2, "gaussian"),
+    (2, 4, 2, 0.1, 0.2, "gaussian"),
+    (7, 3, 2, 0.2, 0.3, "exponential"),
+    (40, 8, 3, 0.15, 0.21, "gaussian"),
+    (150, 16, 6, 0.1, 0.21, "exponential"),
+    (300, 32, 10, 0.07, 0.1, "gaussian"),
+    (300, 32, 10, 0.07, 0.35, "exponential"),
+    (257, 6, 1, 1.0, 0.05, "gaussian"),  # plain random data
+    (400, 64, 40, 0.05, 0.21, "gaussian"),
+]
+
+
+@pytest.mark.parametrize(("n", "dim", "k", "spread", "cutoff", "kernel"), CASES)
+def test_matches_sequential_rule_on_the_same_distances(n, dim, k, spread, cutoff, kernel):
+    x = _blobs(n, dim, k, spread, seed=n + dim)
+    dist = cosine_distances(x)
+    rho = density(dist, 2.0, kernel)
+    ref_centers, ref_labels = _reference_dbdpc(dist.double().tolist(), rho.tolist(), cutoff)
+    for block_size in (1 if n <= 40 else 9, 128):
+        centers, labels = dbdpc(x, cutoff, kernel=kernel, block_size=block_size)
+        assert centers.tolist() == ref_centers
+        assert labels.tolist() == ref_labels
+    centers, labels = dbdpc_from_distances(dist, cutoff, kernel=kernel)
+    assert centers.tolist() == ref_centers and labels.tolist() == ref_labels
+
+
+def test_distances_and_density_match_float64_definitions():
+    x = _blobs(60, 12, 4, 0.15, seed=3)
+    x[5] = 0.0  # a zero vector
+    for kernel, dn in [("gaussian", 2.0), ("exponential", 2.0), ("gaussian", 0.3)]:
+        ref_dist, ref_rho = _reference_distances_and_density(x, dn, kernel)
+        dist = cosine_distances(x)
+        torch.testing.assert_close(
+            dist.double(), torch.tensor(ref_dist, dtype=torch.float64), rtol=0, atol=2e-6
+        )
+        torch.testing.assert_close(
+            density(dist, dn, kernel).double(), torch.tensor(ref_rho, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+    assert torch.equal(dist.diagonal(), torch.zeros(60))
+    assert torch.equal(dist[5, torch.arange(60) != 5], torch.ones(59))  # zero vector: distance 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_an_independent_float64_reference_on_clustered_data(seed):
+    # Tight, well separated blobs: no distance near the cutoff, so float32 vs float64 cannot matter.
+    x = _blobs(120, 24, 8, 0.03, seed=seed)
+    ref_dist, ref_rho = _reference_distances_and_density(x, 2.0, "gaussian")
+    ref_centers, ref_labels = _reference_dbdpc(ref_dist, ref_rho, 0.3)
+    gaps = sorted(ref_rho)
+    assert min(b - a for a, b in itertools.pairwise(gaps)) > 1e-5  # the order is robust too
+    centers, labels = dbdpc(x, 0.3)
+    assert centers.tolist() == ref_centers and labels.tolist() == ref_labels
+    assert 8 <= centers.numel() < 120
+
+
+def test_chunk_boundaries_do_not_change_anything(monkeypatch):
+    x = _blobs(203, 16, 7, 0.1, seed=9)
+    want = dbdpc(x, 0.2)
+    want_dist, want_rho = cosine_distances(x), density(cosine_distances(x))
+    monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 203 * 17)  # 17-row matmul chunks
+    monkeypatch.setattr(dbdpc_module, "_ELEMENTWISE_ITEMS", 203 * 5)  # 5-row element-wise chunks
+    got = dbdpc(x, 0.2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    dist = cosine_distances(x)
+    ref_centers, ref_labels = _reference_dbdpc(dist.double().tolist(), density(dist).tolist(), 0.2)
+    assert got[0].tolist() == ref_centers and got[1].tolist() == ref_labels
+    torch.testing.assert_close(dist, want_dist, rtol=0, atol=1e-6)
+    torch.testing.assert_close(density(dist), want_rho, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 60),
+    dim=st.integers(2, 8),
+    k=st.integers(1, 6),
+    spread=st.floats(0.01, 1.0),
+    cutoff=st.floats(0.0, 1.2),
+    seed=st.integers(0, 10_000),
+)
+def test_properties(n, dim, k, spread, cutoff, seed):
+    x = _blobs(n, dim, k, spread, seed)
+    centers, labels = dbdpc(x, cutoff)
+    dist = cosine_distances(x)
+    assert centers.dtype == labels.dtype == torch.long and labels.shape == (n,)
+    if n == 0:
+        assert centers.numel() == 0
+        return
+    assert torch.equal(centers, centers.unique())  # ascending, unique
+    assert torch.equal(labels[centers], centers)
+    assert bool(torch.isin(labels, centers).all())
+    # Centers are pairwise farther than the cutoff (read from the earlier-visited center's row).
+    order = density_order(density(dist))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    sub = dist[centers][:, centers]
+    earlier = rank[centers][:, None] < rank[centers][None, :]
+    assert bool((sub[earlier] > cutoff).all())
+    # Every point is within the cutoff of its center, and that center is a nearest one.
+    d_own = dist[labels, torch.arange(n)]
+    assert bool((d_own <= cutoff).all())
+    assert torch.equal(d_own, dist[centers].min(0).values)
+
+
+def test_degenerate_inputs():
+    empty_c, empty_l = dbdpc(torch.zeros(0, 5), 0.2)
+    assert empty_c.shape == (0,) and empty_l.shape == (0,) and empty_c.dtype == torch.long
+    assert [t.tolist() for t in dbdpc(torch.randn(1, 5), 0.2)] == [[0], [0]]
+    close = torch.tensor([[1.0, 0.0], [1.0, 0.1]])
+    assert [t.tolist() for t in dbdpc(close, 0.2)] == [[0], [0, 0]]  # equal densities: lower index
+    far = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert [t.tolist() for t in dbdpc(far, 0.2)] == [[0, 1], [0, 1]]
+    same = torch.randn(1, 16).repeat(50, 1)
+    assert [t.tolist() for t in dbdpc(same, 0.21)] == [[0], [0] * 50]
+    zeros = torch.zeros(4, 8)
+    zeros[2] = 1.0
+    # Zero vectors are at distance 1 from everything (each other included): 4 singletons.
+    assert [t.tolist() for t in dbdpc(zeros, 0.5)] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    centers, labels = dbdpc(zeros, 1.0)  # distance 1 <= cutoff 1: one cluster
+    assert centers.numel() == 1 and bool((labels == centers).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_equals_float32_cast(dtype):
+    x = _blobs(300, 32, 10, 0.07, seed=4).to(dtype)
+    got = dbdpc(x, 0.21)
+    want = dbdpc(x.float(), 0.21)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_an_error(bad):
+    x = torch.randn(10, 4)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match="x contains non-finite"):
+        dbdpc(x, 0.2)
+    with pytest.raises(ValueError, match="points contains non-finite"):
+        retrieve(x, torch.randn(2, 4), 0.3)
+
+
+def test_parameter_errors():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="cutoff"):
+        dbdpc(x, -0.1)
+    with pytest.raises(ValueError, match="dn"):
+        dbdpc(x, 0.1, dn=0.0)
+    with pytest.raises(ValueError, match="kernel"):
+        dbdpc(x, 0.1, kernel="cauchy")
+    with pytest.raises(ValueError, match="2-D"):
+        dbdpc(torch.randn(5), 0.1)
+    with pytest.raises(ValueError, match="diagonal"):
+        dbdpc_from_distances(torch.ones(3, 3), 0.1)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 128])  # ties within one block and across blocks
+def test_tie_rules_on_handmade_distances(block_size):
+    def run(dist, cutoff, rho=None):
+        out = dbdpc_from_distances(torch.tensor(dist), cutoff, rho=rho, block_size=block_size)
+        return [t.tolist() for t in out]
+
+    # Points 0 and 1 are 0.5 apart; point 2 is 0.2 from both. Cutoff 0.3.
+    dist = [[0.0, 0.5, 0.2], [0.5, 0.0, 0.2], [0.2, 0.2, 0.0]]
+    # Equal densities of 0 and 1: the lower index is visited first (both become centers anyway);
+    # point 2 is equidistant from both centers and goes to the denser one.
+    assert run(dist, 0.3, torch.tensor([2.0, 2.0, 1.0])) == [[0, 1], [0, 1, 0]]
+    assert run(dist, 0.3, torch.tensor([2.0, 3.0, 1.0])) == [[0, 1], [0, 1, 1]]
+    # Exact density tie between two points within the cutoff: the lower index becomes the center.
+    assert run([[0.0, 0.1], [0.1, 0.0]], 0.3) == [[0], [0, 0]]
+    # A distance exactly equal to the cutoff excludes (the rule is "farther than the cutoff").
+    assert run([[0.0, 0.1], [0.1, 0.0]], 0.1) == [[0], [0, 0]]
+    assert run([[0.0, 0.1], [0.1, 0.0]], 0.0999) == [[0, 1], [0, 1]]
+    # Only the center's row is read: here 0 reaches 1 but 1 does not reach 0.
+    assert run([[0.0, 0.1], [0.5, 0.0]], 0.3, torch.tensor([2.0, 1.0])) == [[0], [0, 0]]
+    assert run([[0.0, 0.1], [0.5, 0.0]], 0.3, torch.tensor([1.0, 2.0])) == [[0, 1], [0, 1]]
+
+
+def _reference_retrieve(points, centers, max_distance):
+    out = []
+    for p in points.double():
+        d = [
+            max(0.0, 1.0 - float(p @ c) / (max(float(p.norm()), 1e-12) * max(float(c.norm()), 1e-12)))
+            for c in centers.double()
+        ]
+        best = min(range(len(d)), key=lambda i: (d[i], i))
+        out.append(best if d[best] <= max_distance else -1)
+    return out
+
+
+def test_retrieve_matches_reference_and_uses_less_or_equal():
+    pts = _blobs(80, 16, 5, 0.15, seed=2)
+    cen = _blobs(6, 16, 5, 0.15, seed=2)
+    for radius in (0.05, 0.3, 1.0):
+        assert retrieve(pts, cen, radius).tolist() == _reference_retrieve(pts, cen, radius)
+    # Exactly at the radius: (0, 1) is at distance exactly 1 from (1, 0).
+    p, c = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert retrieve(p, c, 1.0).tolist() == [0]  # <=, and an equidistant tie goes to the first center
+    assert retrieve(p, c, 0.999).tolist() == [-1]
+    assert retrieve(torch.zeros(0, 2), c, 1.0).shape == (0,)
+    assert retrieve(p, torch.zeros(0, 2), 1.0).tolist() == [-1]
+    assert retrieve(p.bfloat16(), c.bfloat16(), 1.0).tolist() == [0]
+
+
+def test_reference_style_algorithm_and_bench_ops_smoke(capsys):
+    """The benchmark's re-implementation of the reference's recursive scheme (a different algorithm)
+    agrees with dbdpc on clustered data, and `pact bench ops` runs end to end (timings not checked)."""
+    from pact import bench
+
+    for kind, seed in (("blobs", 0), ("blobs", 1), ("random", 0)):
+        x = bench.make_points(kind, 300, 32, seed=seed)
+        centers, labels = dbdpc(x, 0.21)
+        ref_centers, ref_labels = bench.reference_style_dbdpc(x, 0.21)
+        assert torch.equal(centers, ref_centers)
+        assert torch.equal(
+            cosine_distances(x)[labels, torch.arange(300)], cosine_distances(x)[ref_labels, torch.arange(300)]
+        )
+    rows = bench.bench_ops(sizes=(40,), dim=8, repeats=1, reference_max=40)
+    assert [(r["n"], r["data"]) for r in rows] == [(40, "blobs"), (40, "random")]
+    assert all(r["dbdpc_s"] > 0 and r["matmul_s"] > 0 and r["reference_s"] is not None for r in rows)
+    assert bench.main(["ops", "--sizes", "30", "--dim", "8", "--repeats", "1", "--data", "random"]) == 0
+    assert "random" in capsys.readouterr().out
