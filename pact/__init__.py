@@ -9,7 +9,8 @@ Hugging Face vision-language models.
     pact.remove(model)
 """
 
+from pact.api import ReductionRecord, ReductionStats, apply, remove, stats
 from pact.config import PactConfig, load_config
 
-__all__ = ["PactConfig", "load_config"]
+__all__ = ["PactConfig", "ReductionRecord", "ReductionStats", "apply", "load_config", "remove", "stats"]
 __version__ = "0.1.0"

@@ -1,0 +1,47 @@
+"""One adapter per supported model family; ``get_adapter(model)`` picks it from the class or
+``config.model_type``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pact.models.base import ModelAdapter, unsupported_model_error
+from pact.models.internvl import InternVLAdapter
+from pact.models.llava import LlavaAdapter
+from pact.models.llava_next import LlavaNextAdapter
+from pact.models.llava_onevision import LlavaOnevisionAdapter
+from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from pact.models.qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    cls.family: cls
+    for cls in (
+        Qwen2VLAdapter,
+        Qwen2_5_VLAdapter,
+        LlavaOnevisionAdapter,
+        LlavaNextAdapter,
+        LlavaAdapter,
+        InternVLAdapter,
+    )
+}
+"""Family name -> adapter class."""
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model`` (a ``*ForConditionalGeneration`` or ``*Model`` of a supported family).
+
+    Raises:
+        ValueError: the class is not supported (the message lists the supported classes).
+    """
+    name = type(model).__name__
+    for cls in ADAPTERS.values():
+        if name in cls.class_names:
+            return cls(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in ADAPTERS.values():
+        if model_type in cls.model_types and hasattr(getattr(model, "model", model), "language_model"):
+            return cls(model)
+    raise unsupported_model_error(model, ADAPTERS)
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "get_adapter"]

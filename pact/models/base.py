@@ -1,0 +1,195 @@
+"""What the engine needs to know about a model family, and nothing else.
+
+An adapter answers model questions for one Hugging Face vision-language class: where the decoder
+layers and the language model are, which tokens of ``input_ids`` are visual patch tokens (the only
+reduction candidates), how rotary embeddings are applied and recomputed, how many heads there are,
+and where the vision tower is. It never touches masks, caches or reduction state (that is the
+engine's job) and never knows which method runs.
+
+Every family adapter subclasses ``ModelAdapter`` and overrides only what differs. The attribute
+paths below hold for all six families in transformers 5.23 (``model.model.language_model.layers``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelAdapter:
+    """Family-specific answers about one model instance.
+
+    Class attributes:
+        family: short family name (``pact.testing.FAMILIES`` spelling).
+        class_names: Hugging Face class names this adapter accepts.
+        model_types: ``config.model_type`` values this adapter accepts.
+        mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
+    """
+
+    family: str = ""
+    class_names: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
+    mrope: bool = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- modules -------------------------------------------------------------------------------
+
+    @property
+    def vlm(self) -> nn.Module:
+        """The multimodal base model (``*Model``: vision tower + projector + language model)."""
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder-only language model whose layers the engine hooks."""
+        return self.vlm.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in call order."""
+        return self.text_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (for vision-side methods that read its attention)."""
+        vlm = self.vlm
+        return vlm.visual if hasattr(vlm, "visual") else vlm.vision_tower
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention backend the decoder layers use (``eager``, ``sdpa``, ``flash_attention_2`` ...)."""
+        impl = getattr(self.text_config, "_attn_implementation", None)
+        if impl is None:
+            impl = getattr(self.model.config, "_attn_implementation", None)
+        return impl or "eager"
+
+    # --- attention geometry ---------------------------------------------------------------------
+
+    def head_dim(self, layer: nn.Module) -> int:
+        return int(layer.self_attn.head_dim)
+
+    def num_heads(self, layer: nn.Module) -> int:
+        return int(layer.self_attn.q_proj.out_features) // self.head_dim(layer)
+
+    def num_kv_heads(self, layer: nn.Module) -> int:
+        return int(layer.self_attn.k_proj.out_features) // self.head_dim(layer)
+
+    def queries_keys(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        want_queries: bool,
+        want_keys: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Queries and keys of ``layer`` for ``hidden`` computed exactly as the layer computes them.
+
+        Args:
+            hidden: (T, D) hidden states entering the layer (residual stream, before its norm).
+            cos, sin: (T, head_dim) rotary tables of these tokens, or None to skip RoPE.
+        Returns:
+            (q, k, q_rope, k_rope): q (T, H, d), k (T, H_kv, d) before RoPE and the same after RoPE
+            (None where not requested / no cos-sin). Model dtype.
+        """
+        x = layer.input_layernorm(hidden[None])  # (1, T, D)
+        d = self.head_dim(layer)
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(1, x.shape[1], -1, d) if want_queries else None
+        k = attn.k_proj(x).view(1, x.shape[1], -1, d) if want_keys else None
+        q_rope = k_rope = None
+        if cos is not None and sin is not None:
+            rope = self.apply_rotary_fn(layer)
+            # The model's RoPE works on (B, heads, T, d) with cos/sin (B, T, d).
+            qt = q.transpose(1, 2) if q is not None else None
+            kt = k.transpose(1, 2) if k is not None else None
+            if qt is None:
+                qt = torch.zeros_like(kt[:, :1])
+            if kt is None:
+                kt = torch.zeros_like(qt[:, :1])
+            qr, kr = rope(qt, kt, cos[None], sin[None])
+            q_rope = qr.transpose(1, 2)[0] if q is not None else None
+            k_rope = kr.transpose(1, 2)[0] if k is not None else None
+        return (
+            q[0] if q is not None else None,
+            k[0] if k is not None else None,
+            q_rope,
+            k_rope,
+        )
+
+    def apply_rotary_fn(self, layer: nn.Module) -> Any:
+        """The ``apply_rotary_pos_emb(q, k, cos, sin)`` the layer's attention module calls."""
+        module = sys.modules[type(layer.self_attn).__module__]
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is None:
+            raise RuntimeError(f"{module.__name__} has no apply_rotary_pos_emb; the adapter needs updating")
+        return fn
+
+    # --- positions ------------------------------------------------------------------------------
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, head_dim) of ``positions`` (A, B, T) with the model's rotary module."""
+        pos = positions if self.mrope else positions[0]
+        return self.text_model.rotary_emb(hidden, pos)
+
+    def normalize_positions(self, position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The rotary position ids the text model uses, as (A, B, T) (A = 3 for M-RoPE, else 1)."""
+        if position_ids is None:
+            return None
+        if self.mrope:
+            if position_ids.ndim == 2:
+                position_ids = position_ids[None].expand(3, *position_ids.shape)
+            elif position_ids.shape[0] == 4:
+                position_ids = position_ids[1:]
+            return position_ids.expand(3, batch, position_ids.shape[-1])
+        if position_ids.ndim == 1:
+            position_ids = position_ids[None]
+        return position_ids.expand(batch, position_ids.shape[-1])[None]
+
+    def decode_position_ids(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
+        """Position ids the stock model would build for a cached call without ``position_ids``,
+        when ``start`` tokens (unreduced timeline) were seen before (used when layer 0 is reduced,
+        so the cache no longer tells the unreduced length)."""
+        pos = torch.arange(start, start + length, device=device)
+        return pos[None].expand(batch, length)
+
+    # --- visual tokens --------------------------------------------------------------------------
+
+    def visual_token_ids(self) -> list[int]:
+        """Ids of the placeholder tokens the vision features replace (image, video)."""
+        cfg = self.model.config
+        ids = []
+        for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value >= 0 and value not in ids:
+                ids.append(value)
+        return ids
+
+    def candidate_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(B, T) bool: True at visual patch tokens (the reduction candidates).
+
+        ``inputs`` are the keyword arguments of the multimodal model call (image sizes, grids ...);
+        families with non-patch slots inside the visual spans (image newlines) remove them here.
+        """
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for tid in self.visual_token_ids():
+            mask |= input_ids == tid
+        return mask
+
+
+def unsupported_model_error(model: nn.Module, supported: Mapping[str, type[ModelAdapter]]) -> ValueError:
+    classes = sorted({name for cls in supported.values() for name in cls.class_names})
+    return ValueError(
+        f"pact does not support {type(model).__name__} (config.model_type="
+        f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}); "
+        f"supported classes: {', '.join(classes)}"
+    )
