@@ -172,6 +172,8 @@ class PactConfig:
     """L_eq of the ToMe schedule."""
     pooling_stride: int = 2
     """Spatial pooling window (pooling clustering)."""
+    prumerge_plus: bool = False
+    """PruMerge+: add spatially uniform samples to PruMerge's outlier tokens (clustering="prumerge")."""
     custom_pruning_fn: str | None = None
     """"pkg.module:function" scoring hook for pruning="custom" (None: pact.custom.custom_pruning)."""
     custom_reduction_fn: str | None = None
@@ -346,6 +348,7 @@ _RULES: dict[str, _Rule] = {
     "tome_keep_ratio": _unit(),
     "tome_equivalent_layer": _at_least(0),
     "pooling_stride": _at_least(1),
+    "prumerge_plus": _BOOL,
     "custom_pruning_fn": _HOOK,
     "custom_reduction_fn": _HOOK,
     # run / reporting

@@ -76,6 +76,7 @@ PACT_DEFAULTS: dict[str, Any] = {
     "tome_keep_ratio": 1.0,
     "tome_equivalent_layer": 4,
     "pooling_stride": 2,
+    "prumerge_plus": False,
     "custom_pruning_fn": None,
     "custom_reduction_fn": None,
     "log_output_path": None,

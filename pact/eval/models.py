@@ -1,0 +1,918 @@
+"""lmms-eval models: a stock Hugging Face VLM and its stock processor, with pact applied.
+
+One generic wrapper (``PactHFModel``) and a thin subclass per family, registered as
+``pact_qwen2_vl``, ``pact_qwen2_5_vl``, ``pact_llava_onevision``, ``pact_llava_next``, ``pact_llava``
+and ``pact_internvl`` (entry points in pyproject.toml, manifests in ``pact.eval.manifest``):
+
+    python -m lmms_eval --model pact_qwen2_vl \\
+        --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,pact_config=pact,keep_ratio=0.8,cutoff=0.1 \\
+        --tasks textvqa_val --batch_size 4 --output_path runs/qwen --log_samples
+
+``--model_args`` holds everything: ``pretrained``, ``pact_config`` (a JSON path or a config name such
+as ``pact`` / ``no_reduction``; default: the PACT defaults), loading options (``LOADING_OPTIONS``) and,
+for any other key, a configuration override by our name or the reference's (``keep_ratio=0.8``,
+``pruning_tokeep_percentage_value=0.8``, ``layer=2`` ...). Nothing is read from the environment.
+
+Requests are batched with left padding. ``generate_until`` decodes greedily unless the task asks
+for sampling, and cuts the text at the task's ``until`` strings. ``loglikelihood`` scores
+context + continuation in one forward: the engine keeps the output length equal to the input length,
+so the continuation's log-probabilities come straight from the full-length logits.
+
+After every model call the wrapper reads ``pact.stats`` (visual tokens before/after per sample) and
+its own timers; at the end of the run (lmms-eval calls ``clean()``) the records of all processes are
+gathered, summarised (``pact.eval.metrics``), printed as a table, added to lmms-eval's
+``results["throughput"]`` and written as JSON:
+
+    <output_path>/<model name as lmms-eval sanitises it>/<date id>_pact_metrics.json
+
+next to lmms-eval's ``<date id>_results.json`` of the same run (same date id), and, if the config
+sets ``log_output_path``, also as ``<log_output_path>/<date id>_<model>_pact_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from PIL import Image
+
+from pact.eval import metrics as M
+
+# family -> (transformers class name, config.model_type values, default checkpoint, accepts video)
+FAMILIES: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", ("qwen2_vl",), "Qwen/Qwen2-VL-7B-Instruct", True),
+    "qwen2_5_vl": (
+        "Qwen2_5_VLForConditionalGeneration",
+        ("qwen2_5_vl",),
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        True,
+    ),
+    "llava_onevision": (
+        "LlavaOnevisionForConditionalGeneration",
+        ("llava_onevision",),
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        True,
+    ),
+    "llava_next": (
+        "LlavaNextForConditionalGeneration",
+        ("llava_next",),
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        False,
+    ),
+    "llava": ("LlavaForConditionalGeneration", ("llava",), "llava-hf/llava-1.5-7b-hf", False),
+    "internvl": ("InternVLForConditionalGeneration", ("internvl",), "OpenGVLab/InternVL3-8B-hf", True),
+}
+
+LOADING_OPTIONS: dict[str, str] = {
+    "pretrained": "checkpoint directory or hub id (default: the family's 7B/8B checkpoint)",
+    "pact_config": "JSON path or config name (pact, no_reduction, fastv ...); default: PACT defaults",
+    "dtype": "auto | float16 | bfloat16 | float32 (default auto: the checkpoint's dtype)",
+    "attn_implementation": "sdpa (default) | eager | flash_attention_2 (no proportional attention)",
+    "device": "cuda | cuda:N | cpu (default: cuda if available; per process under accelerate)",
+    "device_map": "passed to from_pretrained (e.g. auto to split a model over GPUs)",
+    "batch_size": "requests per model call (lmms-eval's --batch_size)",
+    "max_pixels": "Qwen families: image max pixels for the processor",
+    "min_pixels": "Qwen families: image min pixels for the processor",
+    "frames": "video frames sampled uniformly per video (default 32)",
+    "max_new_tokens": "default when a task gives none (default 128)",
+    "system_prompt": "optional system message",
+    "chat_template": "Jinja template (or a path to one) replacing the processor's",
+    "use_cache": "KV cache in generate (default true)",
+    "trust_remote_code": "passed to from_pretrained (default false)",
+    "label": "method name used in reports and plots (default: derived from the config)",
+    "timing": "per-call timing with device syncs (default true)",
+}
+"""Every ``--model_args`` key that is not a configuration key."""
+
+_IGNORED_ARGS = ("max_batch_size",)
+# Summary keys also copied to lmms-eval's results["throughput"] (as "avg_pact_<key>").
+_THROUGHPUT_KEYS = (
+    "reduction_ratio",
+    "layer_mean_reduction_ratio",
+    "visual_tokens_before_mean",
+    "visual_tokens_after_mean",
+    "seconds_reducing_mean",
+    "prefill_seconds_mean",
+    "decode_tokens_per_second",
+    "end_to_end_seconds_mean",
+    "peak_memory_gb_max",
+)  # passed by lmms-eval, meaningless here
+_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def parse_value(value: Any) -> Any:
+    """A ``--model_args`` value as the config expects it. lmms-eval already turns true/false and
+    numbers into Python values; ``null`` and ``None`` mean None (e.g. ``target_ratio=None``)."""
+    if isinstance(value, str) and value in ("null", "None"):
+        return None
+    return value
+
+
+def merge_model_args(model_args: dict[str, Any], additional: dict[str, Any] | None) -> dict[str, Any]:
+    """lmms-eval's own arguments (batch_size, device ...; None = not given) under ``--model_args``."""
+    extra = {k: v for k, v in (additional or {}).items() if v is not None}
+    return {**extra, **model_args}
+
+
+def split_visuals(visuals: Any) -> tuple[list[Image.Image], list[Any]]:
+    """Split what a task's ``doc_to_visual`` returned into images and videos.
+
+    Images: PIL images, image file paths, (H, W, 3) arrays. Videos: video file paths (decoded
+    later), lists of frames, (T, H, W, 3) arrays.
+    """
+    if visuals is None:
+        return [], []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    images: list[Image.Image] = []
+    videos: list[Any] = []
+    for v in visuals:
+        if v is None:
+            continue
+        if isinstance(v, Image.Image):
+            images.append(v.convert("RGB"))
+        elif isinstance(v, (str, os.PathLike)):
+            path = os.fspath(v)
+            if path.lower().endswith(_VIDEO_EXTENSIONS):
+                videos.append(path)
+            else:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+        elif isinstance(v, np.ndarray) and v.ndim == 3:
+            images.append(Image.fromarray(v).convert("RGB"))
+        elif isinstance(v, np.ndarray) and v.ndim == 4:
+            videos.append(v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(f, Image.Image) for f in v):
+            videos.append([f.convert("RGB") for f in v])
+        elif isinstance(v, dict) and "bytes" in v:
+            import io
+
+            images.append(Image.open(io.BytesIO(v["bytes"])).convert("RGB"))
+        else:
+            raise TypeError(f"unsupported visual of type {type(v).__name__} from the task's doc_to_visual")
+    return images, videos
+
+
+def load_video(path: str, frames: int) -> np.ndarray:
+    """``frames`` frames sampled uniformly from a video file: uint8 (T, H, W, 3)."""
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    n = len(reader)
+    if n == 0:
+        raise ValueError(f"video {path} has no frames")
+    idx = np.unique(np.linspace(0, n - 1, min(frames, n)).round().astype(int))
+    return reader.get_batch(idx.tolist()).asnumpy()
+
+
+def as_frames(video: Any, frames: int) -> np.ndarray:
+    """A video (file path, list of PIL frames or (T, H, W, 3) array) as a uint8 (T, H, W, 3) array of
+    at most ``frames`` frames sampled uniformly (one type for every video of a batch: the stock
+    video processors reject a batch mixing lists and arrays)."""
+    if isinstance(video, str):
+        return load_video(video, frames)
+    array = (
+        np.stack([np.asarray(f.convert("RGB")) for f in video]) if isinstance(video, (list, tuple)) else video
+    )
+    array = np.asarray(array)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"a video must have shape (T, H, W, 3), got {array.shape}")
+    if array.shape[0] > frames:
+        array = array[np.unique(np.linspace(0, array.shape[0] - 1, frames).round().astype(int))]
+    return array.astype(np.uint8, copy=False)
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any non-empty stop string."""
+    end = len(text)
+    for stop in until:
+        if stop:
+            i = text.find(stop)
+            if i != -1:
+                end = min(end, i)
+    return text[:end]
+
+
+def batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive chunks of at most ``size`` indices."""
+    size = max(1, int(size))
+    return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+
+def group_by_kwargs(gen_kwargs: Sequence[dict], lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped by identical generation kwargs, each group longest context first (so the
+    first batch shows the worst-case memory and a batch holds similar lengths)."""
+    groups: dict[str, list[int]] = {}
+    for i, kw in enumerate(gen_kwargs):
+        groups.setdefault(json.dumps(kw, sort_keys=True, default=str), []).append(i)
+    return [sorted(idx, key=lambda i: (-lengths[i], i)) for idx in groups.values()]
+
+
+def continuation_logprob(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
+    """Log-probability of a continuation and whether greedy decoding would produce it.
+
+    Args:
+        logits: (n, V) logits at the n positions that PREDICT the continuation tokens (the last
+            context position through the second-to-last continuation position).
+        target: (n,) continuation token ids.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    total = logp.gather(-1, target[:, None]).sum()
+    greedy = bool((logits.argmax(-1) == target).all())
+    return float(total), greedy
+
+
+def _first_stop(ids: torch.Tensor, stop_ids: set[int]) -> int:
+    """Number of generated tokens up to and including the first stop token (all if none)."""
+    for i, t in enumerate(ids.tolist()):
+        if t in stop_ids:
+            return i + 1
+    return int(ids.numel())
+
+
+def _find_evaluation_context() -> tuple[Any, str | None]:
+    """lmms-eval's EvaluationTracker and run date of the ``simple_evaluate`` call running us.
+
+    Both are arguments of lmms-eval's public ``simple_evaluate``; reading them from its frame is
+    what lets the metrics file carry the same date id as lmms-eval's results file. (None, None)
+    when we are not inside ``simple_evaluate``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "simple_evaluate" and "evaluation_tracker" in frame.f_locals:
+            return frame.f_locals.get("evaluation_tracker"), frame.f_locals.get("datetime_str")
+        frame = frame.f_back
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+class PactHFModel(lmms):
+    """A stock Hugging Face VLM with pact applied, as an lmms-eval "simple" model."""
+
+    is_simple = True
+    family: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        pact_config: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = "sdpa",
+        device: str | None = None,
+        device_map: str | None = None,
+        batch_size: int | str = 1,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        frames: int = 32,
+        max_new_tokens: int = 128,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        use_cache: bool = True,
+        trust_remote_code: bool = False,
+        label: str | None = None,
+        timing: bool = True,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        import pact.api
+        from pact.config import load_config
+
+        if self.family not in FAMILIES:
+            raise TypeError("use one of the family classes (PactQwen2VL, PactLlavaOnevision ...)")
+        class_name, model_types, default_ckpt, self.accepts_video = FAMILIES[self.family]
+        for key in _IGNORED_ARGS:
+            overrides.pop(key, None)
+        overrides = {k: parse_value(v) for k, v in overrides.items()}
+        try:
+            self.config = load_config(parse_value(pact_config), **overrides)
+        except ValueError as e:
+            raise ValueError(
+                f"pact_{self.family}: bad --model_args ({e}). Keys that are not configuration keys must be "
+                f"loading options: {', '.join(sorted(LOADING_OPTIONS))}"
+            ) from e
+        self.pretrained = str(pretrained or default_ckpt)
+        self.model_args = {
+            "pretrained": self.pretrained,
+            "pact_config": pact_config,
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+            "device_map": device_map,
+            "max_pixels": max_pixels,
+            "min_pixels": min_pixels,
+            "frames": frames,
+            "max_new_tokens": max_new_tokens,
+            "system_prompt": system_prompt,
+            "chat_template": chat_template,
+            **overrides,
+        }
+        self.label = label or M.method_label(self.config.to_dict())
+        self.frames = int(frames)
+        self.default_max_new_tokens = int(max_new_tokens)
+        self.system_prompt = system_prompt
+        self.use_cache = bool(use_cache)
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
+
+        self._setup_devices(device, device_map)
+        self._model = self._load_model(class_name, model_types, dtype, attn_implementation, trust_remote_code)
+        self.processor = self._load_processor(max_pixels, min_pixels, chat_template, trust_remote_code)
+        self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        pact.api.apply(self._model, self.config)
+        from pact.models import get_adapter
+
+        self._adapter = get_adapter(self._model)
+        self.n_layers = len(self._adapter.layers)
+        self.reference_layer = M.reference_layer(self.config.to_dict())
+        vision = None
+        if timing:
+            try:
+                vision = self._adapter.vision_tower()
+            except AttributeError:
+                vision = None
+        self._timer = M.CallTimer(self._model, vision, self.device) if timing else None
+        self._memory = M.MemoryMeter(self.device)
+        self.recorder = M.RunRecorder()
+        self.pact_metrics: dict[str, Any] | None = None
+        self._finalized = False
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PactHFModel:
+        """lmms-eval's constructor path. Unlike the base class, a key given both in ``--model_args``
+        and by lmms-eval itself (``--device``, ``--batch_size``) is not an error: --model_args wins."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        return cls(**merge_model_args(simple_parse_args_string(arg_string), additional_config))
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def _setup_devices(self, device: str | None, device_map: str | None) -> None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:
+            # Data parallel: every process holds a whole model on its own device; requests are
+            # already split by lmms-eval, so no DDP wrapper is needed for inference.
+            self.accelerator = accelerator
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            self._device_map = str(accelerator.device) if device_map is None else device_map
+        else:
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._device = torch.device(device)
+            self._device_map = device_map
+            self._rank, self._world_size = 0, 1
+
+    def _load_model(
+        self,
+        class_name: str,
+        model_types: tuple[str, ...],
+        dtype: str,
+        attn_implementation: str | None,
+        trust_remote_code: bool,
+    ) -> torch.nn.Module:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(self.pretrained, trust_remote_code=trust_remote_code)
+        if config.model_type not in model_types:
+            owner = next((f for f, v in FAMILIES.items() if config.model_type in v[1]), None)
+            hint = f"; use --model pact_{owner}" if owner else ""
+            raise ValueError(
+                f"pact_{self.family} expects a {class_name} checkpoint (model_type {model_types[0]!r}); "
+                f"{self.pretrained} has model_type {config.model_type!r}{hint}"
+            )
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
+        if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
+            raise ValueError(f"dtype={dtype!r}: use auto, float16, bfloat16 or float32")
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if self._device_map is not None:
+            kwargs["device_map"] = self._device_map
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        model = getattr(transformers, class_name).from_pretrained(self.pretrained, **kwargs)
+        if self._device_map is None:
+            model = model.to(self._device)
+        return model.eval()
+
+    def _load_processor(
+        self,
+        max_pixels: int | None,
+        min_pixels: int | None,
+        chat_template: str | None,
+        trust_remote_code: bool,
+    ) -> Any:
+        from transformers import AutoProcessor
+
+        kwargs: dict[str, Any] = {}
+        if max_pixels is not None or min_pixels is not None:
+            if not self.family.startswith("qwen"):
+                raise ValueError("max_pixels / min_pixels are options of the Qwen families only")
+            if max_pixels is not None:
+                kwargs["max_pixels"] = int(max_pixels)
+            if min_pixels is not None:
+                kwargs["min_pixels"] = int(min_pixels)
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        processor = AutoProcessor.from_pretrained(self.pretrained, **kwargs)
+        if chat_template:
+            text = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
+            processor.chat_template = text
+        tok = getattr(processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+        return processor
+
+    # --- lmms-eval properties ---------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the model's first device (differs from ``device`` with device_map=auto)."""
+        try:
+            return next(self._model.parameters()).device
+        except StopIteration:  # pragma: no cover
+            return self._device
+
+    @property
+    def eot_token_id(self) -> int | None:
+        return self._tokenizer.eos_token_id
+
+    # --- prompt building --------------------------------------------------------------------------
+
+    def _prompt(self, context: str, n_images: int, n_videos: int) -> str:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+        content += [{"type": "video"} for _ in range(n_videos)]
+        # Tasks written for LLaVA put "<image>" in the text; the images are placed before the text.
+        content.append(
+            {"type": "text", "text": context.replace("<image>", "").strip() if n_images else context}
+        )
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": content})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _visuals(self, request: Instance) -> tuple[list[Image.Image], list[Any]]:
+        args = request.args
+        doc_to_visual, doc_id, task, split = args[2], args[3], args[4], args[5]
+        doc = self.task_dict[task][split][doc_id]
+        images, videos = split_visuals(doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual)
+        if videos and not self.accepts_video:
+            raise ValueError(f"pact_{self.family}: this model family does not accept videos (task {task})")
+        return images, [as_frames(v, self.frames) for v in videos]
+
+    def _encode(self, prompts: list[str], images: list[list[Image.Image]], videos: list[list[Any]]) -> Any:
+        kwargs: dict[str, Any] = {}
+        if any(images):
+            kwargs["images"] = images  # nested per sample (LLaVA-OneVision counts images per sample)
+        flat_videos = [v for vs in videos for v in vs]
+        if flat_videos:
+            kwargs["videos"] = flat_videos
+        return self.processor(text=prompts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+
+    def _encode_requests(self, requests: Sequence[Instance], visuals: Sequence[tuple[list, list]]) -> Any:
+        prompts = [
+            self._prompt(r.args[0], len(im), len(vi)) for r, (im, vi) in zip(requests, visuals, strict=True)
+        ]
+        return self._encode(prompts, [v[0] for v in visuals], [v[1] for v in visuals])
+
+    # --- measuring ------------------------------------------------------------------------------------
+
+    def _visual_counts(
+        self, inputs: Any, st: Any
+    ) -> tuple[list[int], list[int], list[list[tuple[int, int]]]]:
+        """Per sample: visual tokens before, after, and (layer, left) per reduction step, from the
+        ``pact.stats`` of the call (``st``)."""
+        B = int(inputs["input_ids"].shape[0])
+        if self.config.reduction and len(st.visual_before) == B:
+            steps: list[list[tuple[int, int]]] = [[] for _ in range(B)]
+            for step in st.records:
+                for b, rec in enumerate(step):
+                    if rec is not None:
+                        steps[b].append((int(rec.layer), int(rec.kept.numel())))
+            return list(st.visual_before), list(st.visual_after), steps
+        # No reduction (the engine then counts nothing): count the visual patch tokens the way the
+        # engine would, so reference runs report their visual tokens too.
+        mask = self._adapter.candidate_mask(inputs["input_ids"], inputs)
+        if inputs.get("attention_mask") is not None:
+            mask = mask & inputs["attention_mask"].bool()
+        counts = [int(c) for c in mask.sum(1).tolist()]
+        return counts, counts, [[] for _ in range(B)]
+
+    def _start_call(self) -> None:
+        self._memory.reset()
+        if self._timer is not None:
+            self._timer.start()
+
+    def _stop_call(self) -> dict[str, float]:
+        if self._timer is not None:
+            return self._timer.stop()
+        return {"call_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "vision_s": None, "forwards": 0}
+
+    def _record(
+        self,
+        kind: str,
+        requests: Sequence[Instance],
+        inputs: Any,
+        preprocess_s: float,
+        call_s: float,
+        timing: dict[str, Any],
+        generated: int,
+        decode_tokens: int,
+    ) -> None:
+        import pact.api
+
+        st = pact.api.stats(self._model)
+        before, after, steps = self._visual_counts(inputs, st)
+        seconds_reducing = float(st.seconds_reducing)
+        timed = self._timer is not None
+        batch = M.BatchRecord(
+            kind=kind,
+            size=len(requests),
+            preprocess_s=preprocess_s,
+            prefill_s=timing["prefill_s"] if timed else call_s,
+            decode_s=timing["decode_s"] if timed else 0.0,
+            e2e_s=preprocess_s + (timing["call_s"] if timed else call_s),
+            vision_s=timing["vision_s"] if timed else None,
+            generated_tokens=generated,
+            decode_tokens=decode_tokens,
+            seconds_reducing=seconds_reducing,
+            peak_memory_gb=self._memory.peak_gb(),
+        )
+        samples = []
+        for b, req in enumerate(requests):
+            task = str(req.args[4]) if len(req.args) > 4 else str(getattr(req, "task_name", ""))
+            samples.append(
+                M.SampleRecord(
+                    task=task,
+                    doc_id=req.args[3] if len(req.args) > 3 else getattr(req, "doc_id", None),
+                    kind=kind,
+                    visual_before=before[b],
+                    visual_after=after[b],
+                    layer_mean_visual=M.layer_mean_visual(before[b], steps[b], self.n_layers),
+                    batch=0,
+                    padding=bool((req.metadata or {}).get("__padding_only__", False)),
+                )
+            )
+        self.recorder.add_batch(batch, samples)
+
+    # --- generate_until ---------------------------------------------------------------------------------
+
+    def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None)
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, (list, tuple)):
+            raise ValueError(f"gen_kwargs['until'] must be a string or a list, got {type(until).__name__}")
+        temperature = float(kw.pop("temperature", 0.0) or 0.0)
+        do_sample = bool(kw.pop("do_sample", False)) or temperature > 0
+        out: dict[str, Any] = {
+            "max_new_tokens": int(kw.pop("max_new_tokens", self.default_max_new_tokens)),
+            "do_sample": do_sample,
+            "num_beams": int(kw.pop("num_beams", 1) or 1),
+            "use_cache": self.use_cache,
+        }
+        top_p = kw.pop("top_p", None)
+        if do_sample:
+            out["temperature"] = temperature if temperature > 0 else 1.0
+            if top_p is not None:
+                out["top_p"] = float(top_p)
+        gen_cfg = getattr(self._model, "generation_config", None)
+        if gen_cfg is not None and gen_cfg.pad_token_id is None:
+            out["pad_token_id"] = self._tokenizer.pad_token_id
+        # Options that only change the sampling distribution are pointless in greedy decoding;
+        # anything else the task passes goes to generate.
+        for key in ("top_k", "repetition_penalty", "length_penalty", "min_new_tokens"):
+            if key in kw:
+                out[key] = kw.pop(key)
+        kw.pop("image_aspect_ratio", None)
+        return out, [str(u) for u in until]
+
+    def _stop_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_cfg = getattr(self._model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        for value in (eos, self._tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    @torch.inference_mode()
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        gen_kwargs = [r.args[1] if isinstance(r.args[1], dict) else {} for r in requests]
+        lengths = [len(r.args[0]) for r in requests]
+        stop_ids = self._stop_token_ids()
+        for group in group_by_kwargs(gen_kwargs, lengths):
+            kwargs, until = self._generation_kwargs(gen_kwargs[group[0]])
+            for chunk in batches(group, self.batch_size):
+                reqs = [requests[i] for i in chunk]
+                t0 = time.perf_counter()
+                visuals = [self._visuals(r) for r in reqs]
+                inputs = self._encode_requests(reqs, visuals).to(self.input_device)
+                preprocess_s = time.perf_counter() - t0
+                self._start_call()
+                t1 = time.perf_counter()
+                out = self._model.generate(**inputs, **kwargs)
+                call_s = time.perf_counter() - t1
+                timing = self._stop_call()
+                new = out[:, inputs["input_ids"].shape[1] :]
+                lengths_new = [_first_stop(row, stop_ids) for row in new]
+                generated = sum(lengths_new)
+                self._record(
+                    "generate_until",
+                    reqs,
+                    inputs,
+                    preprocess_s,
+                    call_s,
+                    timing,
+                    generated,
+                    sum(max(n - 1, 0) for n in lengths_new),
+                )
+                texts = self._tokenizer.batch_decode(
+                    [row[:n] for row, n in zip(new, lengths_new, strict=True)], skip_special_tokens=True
+                )
+                for i, req, text in zip(chunk, reqs, texts, strict=True):
+                    answer = cut_at_stop(text, until).strip()
+                    results[i] = answer
+                    self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs[i]), answer)
+        return [r if r is not None else "" for r in results]
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"pact_{self.family} does not implement multi-round generation")
+
+    # --- loglikelihood -------------------------------------------------------------------------------
+
+    def _continuation(self, request: Instance) -> str:
+        cont = request.args[1]
+        if callable(cont):
+            args = request.args
+            cont = cont(self.task_dict[args[4]][args[5]][args[3]])
+        if isinstance(cont, (list, tuple)):
+            cont = cont[0]
+        return str(cont)
+
+    def _append_continuations(self, enc: Any, conts: list[list[int]]) -> Any:
+        """Append each sample's continuation ids after its (left-padded) context and re-pad on the
+        left. Returns the new batch; image tensors are untouched."""
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        B = int(ids.shape[0])
+        pad = self._tokenizer.pad_token_id
+        per_key: dict[str, list[torch.Tensor]] = {}
+        seq_keys = [
+            k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") if k in enc
+        ]
+        for b in range(B):
+            keep = mask[b].bool()
+            cont = torch.tensor(conts[b], dtype=ids.dtype)
+            for key in seq_keys:
+                row = enc[key][b][keep]
+                if key == "input_ids":
+                    tail = cont
+                elif key == "attention_mask":
+                    tail = torch.ones(len(cont), dtype=row.dtype)
+                else:
+                    tail = torch.zeros(len(cont), dtype=row.dtype)
+                per_key.setdefault(key, []).append(torch.cat([row, tail]))
+        T = max(int(r.numel()) for r in per_key["input_ids"])
+        out = dict(enc.items())
+        for key, rows in per_key.items():
+            fill = pad if key == "input_ids" else 0
+            padded = torch.full((B, T), fill, dtype=rows[0].dtype)
+            for b, r in enumerate(rows):
+                if r.numel():
+                    padded[b, T - r.numel() :] = r
+            out[key] = padded
+        return out
+
+    def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        """``(log-probability, is_greedy)`` per request, each wrapped for lmms-eval 0.7.3.
+
+        lmms-eval 0.7.3 passes every response through ``unwrap_generation_output``, which turns a
+        plain ``(float, bool)`` tuple into its string, and multiple-choice scoring then fails
+        ("too many values to unpack"). A ``GenerationResult`` is passed through untouched, so the
+        tuple travels inside one. ``loglikelihood_values`` returns the plain tuples.
+        """
+        values = self.loglikelihood_values(requests)
+        try:
+            from lmms_eval.api.instance import GenerationResult
+        except ImportError:  # older lmms-eval: tuples pass through as they are
+            return values
+        return [GenerationResult(text=v) for v in values]  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def loglikelihood_values(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """``(sum of continuation log-probabilities, greedy would produce it)`` per request."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        conts = [self._continuation(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i].args[0]) + len(conts[i])), i))
+        for chunk in batches(order, self.batch_size):
+            reqs = [requests[i] for i in chunk]
+            t0 = time.perf_counter()
+            visuals = [self._visuals(r) for r in reqs]
+            enc = self._encode_requests(reqs, visuals)
+            cont_ids = [self._tokenizer(conts[i], add_special_tokens=False)["input_ids"] for i in chunk]
+            inputs = self._append_continuations(enc, cont_ids)
+            inputs = {
+                k: (v.to(self.input_device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+            }
+            preprocess_s = time.perf_counter() - t0
+            self._start_call()
+            t1 = time.perf_counter()
+            logits = self._model(**inputs, use_cache=False).logits
+            call_s = time.perf_counter() - t1
+            timing = self._stop_call()
+            self._record("loglikelihood", reqs, inputs, preprocess_s, call_s, timing, 0, 0)
+            T = int(inputs["input_ids"].shape[1])
+            for b, i in enumerate(chunk):
+                n = len(cont_ids[b])
+                if n == 0:
+                    results[i] = (0.0, True)
+                    continue
+                target = inputs["input_ids"][b, T - n :]
+                results[i] = continuation_logprob(logits[b, T - n - 1 : T - 1], target)
+                self.cache_hook.add_partial("loglikelihood", (requests[i].args[0], conts[i]), results[i])
+        return [r if r is not None else (float("-inf"), False) for r in results]
+
+    # --- end of run ----------------------------------------------------------------------------------
+
+    def _gather(self) -> M.RunRecorder | None:
+        """All processes' records on rank 0 (None on the other ranks)."""
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self._world_size
+            torch.distributed.all_gather_object(parts, self.recorder)
+            return M.RunRecorder.merge(parts) if self._rank == 0 else None
+        return self.recorder
+
+    def finalize_metrics(self) -> dict[str, Any] | None:
+        """Summarise the run, print the table, write the metrics JSON (rank 0). Idempotent."""
+        if self._finalized:
+            return self.pact_metrics
+        self._finalized = True
+        merged = self._gather()
+        if merged is None:
+            return None
+        summary = M.summarize(
+            merged.samples, merged.batches, n_layers=self.n_layers, reference_layer=self.reference_layer
+        )
+        tracker, datetime_str = _find_evaluation_context()
+        date_id = (datetime_str or time.strftime("%Y%m%d_%H%M%S")).replace(":", "-")
+        results_dir = None
+        if tracker is not None and getattr(tracker, "output_path", None):
+            sanitized = getattr(
+                getattr(tracker, "general_config_tracker", None), "model_name_sanitized", None
+            )
+            results_dir = Path(tracker.output_path) / (sanitized or "")
+        doc = {
+            "pact_metrics_version": M.METRICS_VERSION,
+            "date_id": date_id,
+            "results_file": f"{date_id}_results.json" if results_dir is not None else None,
+            "model": f"pact_{self.family}",
+            "family": self.family,
+            "pretrained": self.pretrained,
+            "label": self.label,
+            "model_args": self.model_args,
+            "config": self.config.to_dict(),
+            "tasks": sorted({s.task for s in merged.samples}),
+            "world_size": self._world_size,
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+            "dtype": str(next(self._model.parameters()).dtype).replace("torch.", ""),
+            "memory_kind": self._memory.kind,
+            "summary": summary,
+            "per_task": M.summarize_tasks(
+                merged.samples, n_layers=self.n_layers, reference_layer=self.reference_layer
+            ),
+            **M.records_to_json(merged.samples, merged.batches),
+        }
+        self.pact_metrics = doc
+        paths = []
+        if results_dir is not None:
+            paths.append(results_dir / f"{date_id}_pact_metrics.json")
+        if self.config.log_output_path:
+            name = Path(self.pretrained.rstrip("/")).name or "model"
+            paths.append(Path(self.config.log_output_path) / f"{date_id}_{name}_pact_metrics.json")
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+        doc["written_to"] = [str(p) for p in paths]
+        tasks = ",".join(doc["tasks"])
+        title = f"pact metrics: pact_{self.family} {self.pretrained} [{self.label}] tasks={tasks}"
+        print("\n" + M.format_table(summary, title=title, memory_kind=self._memory.kind), flush=True)
+        if paths:
+            print(f"pact metrics written to {', '.join(str(p) for p in paths)}", flush=True)
+        else:
+            print("pact metrics not written: give lmms-eval --output_path or log_output_path=DIR", flush=True)
+        self._log_to_lmms_eval(summary)
+        return doc
+
+    def _log_to_lmms_eval(self, summary: dict[str, Any]) -> None:
+        """Put the key numbers in lmms-eval's own results JSON (``results["throughput"]``)."""
+        try:
+            from lmms_eval.models.model_utils.gen_metrics import log_metrics
+        except ImportError:  # pragma: no cover
+            return
+        extra = {f"pact_{k}": summary[k] for k in _THROUGHPUT_KEYS if summary.get(k) is not None}
+        log_metrics(
+            total_elapsed_time=float(summary.get("end_to_end_seconds_total") or 0.0),
+            total_gen_tokens=int(summary.get("generated_tokens") or 0),
+            avg_speed=float(summary.get("decode_tokens_per_second") or 0.0),
+            additional_metrics=extra,
+        )
+
+    def clean(self) -> None:
+        """lmms-eval calls this on every process once all requests ran: finish the metrics first."""
+        try:
+            self.finalize_metrics()
+        except Exception as e:  # never lose lmms-eval's own results because of ours
+            logger.exception(f"pact metrics failed: {e}")
+        if self._timer is not None:
+            self._timer.close()
+        super().clean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One class per family (what lmms-eval's --model names resolve to)
+
+
+class PactQwen2VL(PactHFModel):
+    """pact on Qwen2VLForConditionalGeneration (``--model pact_qwen2_vl``)."""
+
+    family = "qwen2_vl"
+
+
+class PactQwen2_5_VL(PactHFModel):  # noqa: N801 - mirrors the transformers class name
+    """pact on Qwen2_5_VLForConditionalGeneration (``--model pact_qwen2_5_vl``)."""
+
+    family = "qwen2_5_vl"
+
+
+class PactLlavaOnevision(PactHFModel):
+    """pact on LlavaOnevisionForConditionalGeneration (``--model pact_llava_onevision``)."""
+
+    family = "llava_onevision"
+
+
+class PactLlavaNext(PactHFModel):
+    """pact on LlavaNextForConditionalGeneration (``--model pact_llava_next``)."""
+
+    family = "llava_next"
+
+
+class PactLlava(PactHFModel):
+    """pact on LlavaForConditionalGeneration, LLaVA-1.5 (``--model pact_llava``)."""
+
+    family = "llava"
+
+
+class PactInternVL(PactHFModel):
+    """pact on InternVLForConditionalGeneration, the "-hf" checkpoints (``--model pact_internvl``)."""
+
+    family = "internvl"
+
+
+FAMILY_CLASSES: dict[str, type[PactHFModel]] = {
+    cls.family: cls
+    for cls in (PactQwen2VL, PactQwen2_5_VL, PactLlavaOnevision, PactLlavaNext, PactLlava, PactInternVL)
+}

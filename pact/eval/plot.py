@@ -1,0 +1,148 @@
+"""``pact plot RUN_DIR...``: "Approach-to-Reference Metric Ratio vs Reduction Ratio".
+
+One line per method (operating points sorted by reduction ratio), one panel per checkpoint, in the
+style of the paper's figures: x = visual-token reduction ratio, y = mean over benchmarks of
+score / no-reduction score (see ``pact.eval.report`` for the pairing and the averages). Methods with
+an "equivalent layer" (VTW, ToMe) are placed at their equivalent reduction ratio by default
+(``--x equivalent``), which equals the plain reduction ratio for every one-step method.
+
+    pact plot runs/ --out figure.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from pact.eval.report import Point, build_rows, find_runs, summarize_points
+
+# Fixed colours/markers for the paper's methods so figures are comparable across runs.
+_STYLE: dict[str, tuple[str, str]] = {
+    "pact": ("tab:red", "o"),
+    "dbdpc": ("tab:orange", "s"),
+    "euti": ("tab:green", "^"),
+    "fastv": ("tab:blue", "v"),
+    "tome": ("tab:purple", "D"),
+    "vtw": ("tab:brown", "P"),
+    "kmeans": ("tab:pink", "X"),
+    "dpc": ("tab:olive", "<"),
+    "agglomerative_single": ("tab:cyan", ">"),
+    "dbscan": ("tab:gray", "*"),
+}
+
+_NAMES = {
+    "pact": "PACT",
+    "dbdpc": "DBDPC",
+    "euti": "EUTI",
+    "fastv": "FastV",
+    "tome": "ToMe",
+    "vtw": "VTW",
+    "kmeans": "K-means",
+    "dpc": "DPC",
+    "agglomerative_single": "Agglomerative (single)",
+    "agglomerative_average": "Agglomerative (average)",
+    "agglomerative_complete": "Agglomerative (complete)",
+    "dbscan": "DBSCAN",
+    "no_reduction": "No reduction",
+}
+
+X_FIELDS = {
+    "equivalent": ("equivalent_reduction_ratio", "Reduction Ratio"),
+    "reduction": ("reduction_ratio", "Reduction Ratio (after the reduction layer)"),
+}
+
+
+def _x(point: Point, field: str) -> float | None:
+    value = getattr(point, field)
+    return value if value is not None else point.reduction_ratio
+
+
+def plot_points(
+    points: Sequence[Point],
+    out: str | Path,
+    *,
+    x: str = "equivalent",
+    title: str | None = None,
+    include_reference: bool = False,
+) -> Path:
+    """Draw the figure to ``out`` (PNG or anything matplotlib infers from the suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    field, xlabel = X_FIELDS[x]
+    usable = [
+        p
+        for p in points
+        if p.metric_ratio is not None
+        and _x(p, field) is not None
+        and (include_reference or p.method != "no_reduction")
+    ]
+    if not usable:
+        raise ValueError(
+            "nothing to plot: no operating point has both a metric ratio (a matching no-reduction run) "
+            "and a reduction ratio"
+        )
+    models = sorted({p.model for p in usable})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.8), squeeze=False)
+    extra_colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    for ax, model in zip(axes[0], models, strict=True):
+        methods = sorted({p.method for p in usable if p.model == model})
+        for method in methods:
+            pts = sorted(
+                (p for p in usable if p.model == model and p.method == method), key=lambda p: _x(p, field)
+            )
+            color, marker = _STYLE.get(method, (next(extra_colors), "o"))
+            ax.plot(
+                [_x(p, field) for p in pts],
+                [p.metric_ratio for p in pts],
+                marker=marker,
+                color=color,
+                linewidth=2 if method == "pact" else 1.5,
+                markersize=6,
+                label=_NAMES.get(method, method),
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Approach-to-Reference Metric Ratio")
+        ax.set_title(title or Path(model.rstrip("/")).name or model)
+        ax.grid(True, linestyle="--", alpha=0.5)
+        ax.legend(loc="lower left")
+    fig.suptitle("Approach-to-Reference Metric Ratio vs Reduction Ratio")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pact plot RUN_DIR... [--out FILE] [--x equivalent|reduction] [--methods a,b] [--title T]``."""
+    parser = argparse.ArgumentParser(
+        prog="pact plot",
+        description="Approach-to-Reference Metric Ratio vs Reduction Ratio, one line per method.",
+    )
+    parser.add_argument("runs", nargs="+", help="lmms-eval output folders or *_results.json files")
+    parser.add_argument("--baseline", action="append", default=[], help="extra folder with no-reduction runs")
+    parser.add_argument("--out", default="metric_ratio_vs_reduction_ratio.png", help="output image")
+    parser.add_argument("--x", choices=sorted(X_FIELDS), default="equivalent", help="x axis (see module doc)")
+    parser.add_argument("--methods", help="comma-separated method labels to draw (default: all)")
+    parser.add_argument("--title", help="panel title (default: the checkpoint name)")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs([*args.runs, *args.baseline])
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    points = summarize_points(build_rows(runs))
+    if args.methods:
+        wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
+        points = [p for p in points if p.method in wanted]
+    try:
+        out = plot_points(points, args.out, x=args.x, title=args.title)
+    except ValueError as e:
+        print(f"pact plot: {e}")
+        return 1
+    print(f"wrote {out}")
+    return 0

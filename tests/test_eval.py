@@ -1,0 +1,426 @@
+"""pact.eval: metric helpers, the lmms-eval wrapper in process (log-likelihood and generation under
+reduction), reports and plots from synthetic runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact.eval import metrics as M
+
+# ---------------------------------------------------------------------------------------------------
+# Metric helpers (pure)
+
+
+def test_layer_mean_visual_one_step_and_progressive():
+    # 100 tokens, 10 layers, one step before layer 4 leaving 30: layers 0-3 see 100, 4-9 see 30.
+    assert M.layer_mean_visual(100, [(4, 30)], 10) == pytest.approx((4 * 100 + 6 * 30) / 10)
+    # Progressive: steps before layers 2 and 5 (unsorted input).
+    assert M.layer_mean_visual(100, [(5, 20), (2, 60)], 10) == pytest.approx((2 * 100 + 3 * 60 + 5 * 20) / 10)
+    assert M.layer_mean_visual(100, [], 10) == 100
+    # VTW-like: everything withdrawn before layer 8.
+    assert M.layer_mean_visual(50, [(8, 0)], 10) == pytest.approx(8 * 50 / 10)
+
+
+def test_equivalent_ratio_equals_plain_ratio_for_one_step_methods():
+    before, left, n, layer = 200, 50, 28, 4
+    layer_mean_ratio = 1 - M.layer_mean_visual(before, [(layer, left)], n) / before
+    assert M.equivalent_reduction_ratio(layer_mean_ratio, n, layer) == pytest.approx(1 - left / before)
+
+
+def test_summarize_token_weighted_and_skips_padding():
+    samples = [
+        M.SampleRecord("a", 0, "generate_until", 100, 10, 55.0, 0),
+        M.SampleRecord("a", 1, "generate_until", 300, 150, 225.0, 0),
+        M.SampleRecord("b", 0, "loglikelihood", 0, 0, 0.0, 1),
+        M.SampleRecord("b", 0, "loglikelihood", 1000, 0, 0.0, 1, padding=True),
+    ]
+    batches = [
+        M.BatchRecord("generate_until", 2, 0.1, 0.5, 1.0, 1.6, 0.2, 10, 8, 0.05, 2.0),
+        M.BatchRecord("loglikelihood", 2, 0.1, 0.3, 0.0, 0.4, None, 0, 0, 0.0, 3.0),
+    ]
+    s = M.summarize(samples, batches, n_layers=4, reference_layer=2)
+    assert s["num_requests"] == 3
+    assert s["reduction_ratio"] == pytest.approx(1 - 160 / 400)  # not the per-sample mean (0.7)
+    assert s["layer_mean_reduction_ratio"] == pytest.approx(1 - 280 / 400)
+    assert s["equivalent_reduction_ratio"] == pytest.approx((1 - 280 / 400) * 4 / 2)
+    assert s["decode_tokens_per_second"] == pytest.approx(8 / 1.0)
+    assert s["end_to_end_seconds_total"] == pytest.approx(2.0)
+    assert s["samples_per_second"] == pytest.approx(3 / 2.0)
+    assert s["peak_memory_gb_max"] == 3.0 and s["peak_memory_gb_mean"] == 2.5
+    per_task = M.summarize_tasks(samples, n_layers=4, reference_layer=2)
+    assert per_task["a"]["reduction_ratio"] == pytest.approx(1 - 160 / 400)
+    assert per_task["b"] == {
+        "num_requests": 1,
+        "visual_tokens_before": 0,
+        "visual_tokens_after": 0,
+        "reduction_ratio": 0.0,
+        "layer_mean_reduction_ratio": 0.0,
+        "equivalent_reduction_ratio": 0.0,
+    }
+    table = M.format_table(s, title="t", memory_kind="cpu_peak_rss")
+    assert "reduction ratio" in table and "0.6000" in table and "[cpu_peak_rss]" in table
+
+
+def test_recorder_merge_offsets_batches():
+    a, b = M.RunRecorder(), M.RunRecorder()
+    batch = M.BatchRecord("generate_until", 1, 0, 0, 0, 0, None, 0, 0, 0, None)
+    a.add_batch(batch, [M.SampleRecord("t", 0, "generate_until", 1, 1, 1.0, -1)])
+    b.add_batch(batch, [M.SampleRecord("t", 1, "generate_until", 1, 1, 1.0, -1)])
+    b.add_batch(batch, [M.SampleRecord("t", 2, "generate_until", 1, 1, 1.0, -1)])
+    merged = M.RunRecorder.merge([a, b])
+    assert [s.batch for s in merged.samples] == [0, 1, 2] and len(merged.batches) == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "label"),
+    [
+        ({"reduction": False}, "no_reduction"),
+        ({"pruning": "euti", "clustering": "dbdpc"}, "pact"),
+        ({"pruning": "none", "clustering": "dbdpc"}, "dbdpc"),
+        ({"pruning": "withdraw", "clustering": "none"}, "vtw"),
+        ({"pruning": "fastv", "clustering": "none"}, "fastv"),
+        ({"pruning": "none", "clustering": "agglomerative", "linkage": "average"}, "agglomerative_average"),
+        ({"pruning": "fastv", "clustering": "tome"}, "fastv+tome"),
+    ],
+)
+def test_method_label(config, label):
+    assert M.method_label(config) == label
+
+
+def test_reference_layer():
+    assert M.reference_layer({"layer": 3, "pruning": "euti"}) == 3
+    assert M.reference_layer({"layer": 0, "pruning": "withdraw", "vtw_equivalent_layer": 4}) == 4
+    assert M.reference_layer({"layer": 0, "clustering": "tome", "tome_equivalent_layer": 4}) == 4
+
+
+def test_memory_meter_cpu_reports_reset_peak():
+    meter = M.MemoryMeter(torch.device("cpu"))
+    assert meter.kind.startswith("cpu_peak_rss")
+    meter.reset()
+    base = meter.peak_gb()
+    block = bytearray(200 * 1024 * 1024)  # touch 200 MB
+    block[::4096] = b"x" * len(block[::4096])
+    high = meter.peak_gb()
+    del block
+    assert high > base
+    if meter.kind == "cpu_peak_rss":  # the counter really resets
+        meter.reset()
+        assert meter.peak_gb() < high - 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lmms-eval wrapper, in process
+
+lmms_eval = pytest.importorskip("lmms_eval")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from pact import testing
+
+    return testing.save_tiny("qwen2_vl", tmp_path_factory.mktemp("eval_tiny") / "qwen2_vl")
+
+
+def _docs() -> list[dict]:
+    from pact.testing import sample_image
+
+    return [
+        {"question": "What is in the picture?", "image": sample_image(0, (96, 64))},
+        {"question": "Describe it.", "image": sample_image(1, (128, 96))},
+        {"question": "Is the sky green?", "image": None},
+        {"question": "What color is the largest shape in this image?", "image": sample_image(3, (64, 112))},
+    ]
+
+
+def doc_to_visual(doc: dict) -> list:
+    return [] if doc["image"] is None else [doc["image"]]
+
+
+def _requests(kind: str, docs: list[dict], second: list) -> list:
+    from lmms_eval.api.instance import Instance
+
+    return [
+        Instance(
+            request_type=kind,
+            arguments=(doc["question"], second[i], doc_to_visual, i, "t", "test"),
+            idx=0,
+            metadata={"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, doc in enumerate(docs)
+    ]
+
+
+def _wrapper(path: Path, **kwargs):
+    from pact.eval.models import PactQwen2VL
+
+    lm = PactQwen2VL(pretrained=str(path), device="cpu", dtype="float32", **kwargs)
+    lm.task_dict = {"t": {"test": _docs()}}
+    return lm
+
+
+def test_loglikelihood_under_reduction_matches_manual_computation(tiny_qwen):
+    """Batched (2), left-padded log-likelihoods under PACT equal a by-hand single-sample computation
+    from the full-length logits, and the reduction really ran."""
+    from lmms_eval.api.instance import GenerationResult
+
+    import pact.api
+
+    lm = _wrapper(tiny_qwen, layer=2, batch_size=2)
+    docs = lm.task_dict["t"]["test"]
+    conts = [" red", " a small blue square on the left", "yes", " no it is not"]
+    reqs = _requests("loglikelihood", docs, conts)
+    values = lm.loglikelihood_values(reqs)
+    wrapped = lm.loglikelihood(reqs)  # what lmms-eval 0.7.3 receives
+    assert all(isinstance(w, GenerationResult) for w in wrapped)
+    assert [w.text for w in wrapped] == values
+
+    for i, doc in enumerate(docs):
+        images = doc_to_visual(doc)
+        prompt = lm._prompt(doc["question"], len(images), 0)
+        extra = {"images": [images]} if images else {}
+        enc = lm.processor(text=[prompt], return_tensors="pt", **extra)
+        cont = torch.tensor(lm.tokenizer(conts[i], add_special_tokens=False)["input_ids"])
+        inputs = dict(enc)
+        inputs["input_ids"] = torch.cat([enc["input_ids"][0], cont])[None]
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(cont)])[None]
+        with torch.no_grad():
+            logits = lm.model(**inputs).logits[0]
+        T, n = inputs["input_ids"].shape[1], cont.numel()
+        assert logits.shape[0] == T  # the engine keeps the input length
+        logp = torch.log_softmax(logits[T - n - 1 : T - 1].float(), -1)
+        manual = float(logp.gather(-1, cont[:, None]).sum())
+        assert values[i][0] == pytest.approx(manual, abs=2e-4), i
+        st = pact.api.stats(lm.model)
+        if images:
+            assert st.visual_after[0] < st.visual_before[0]
+    recs = [s for s in lm.recorder.samples if s.kind == "loglikelihood"][:4]  # first of the two calls
+    assert len(recs) == 4 and sum(s.visual_after for s in recs) < sum(s.visual_before for s in recs)
+
+
+def test_generate_until_batched_equals_one_by_one(tiny_qwen):
+    lm = _wrapper(tiny_qwen, layer=2, batch_size=2)
+    docs = lm.task_dict["t"]["test"]
+    reqs = _requests(
+        "generate_until", docs, [{"max_new_tokens": 5, "do_sample": False, "until": ["\n\n"]}] * 4
+    )
+    batched = lm.generate_until(reqs)
+    first = {(s.doc_id): (s.visual_before, s.visual_after) for s in lm.recorder.samples}
+    lm.batch_size_per_gpu = 1
+    single = lm.generate_until(reqs)
+    second = {(s.doc_id): (s.visual_before, s.visual_after) for s in lm.recorder.samples[4:]}
+    assert batched == single and all(isinstance(t, str) for t in batched)
+    assert first == second
+    assert first[2] == (0, 0) and all(b > a for d, (b, a) in first.items() if d != 2)
+    kinds = [b.kind for b in lm.recorder.batches]
+    assert kinds == ["generate_until"] * 6 and lm.recorder.batches[0].size == 2
+    assert all(b.generated_tokens > 0 and b.prefill_s > 0 for b in lm.recorder.batches)
+    doc = lm.finalize_metrics()  # no lmms-eval run around us: summary only, nothing written
+    assert doc["summary"]["num_requests"] == 8 and doc["written_to"] == []
+    assert 0 < doc["summary"]["reduction_ratio"] < 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl"])
+def test_every_family_generates_and_scores_under_reduction(family, tmp_path):
+    """Each registered model: generation and log-likelihoods at batch size 2 equal batch size 1,
+    with a reduction on every image prompt (Qwen2-VL is covered in depth above)."""
+    from pact import testing
+    from pact.eval.models import FAMILY_CLASSES
+
+    path = testing.save_tiny(family, tmp_path / family)
+    lm = FAMILY_CLASSES[family](pretrained=str(path), device="cpu", dtype="float32", layer=2, batch_size=2)
+    lm.task_dict = {"t": {"test": _docs()}}
+    docs = lm.task_dict["t"]["test"]
+    gen = _requests("generate_until", docs, [{"max_new_tokens": 3}] * 4)
+    ll = _requests("loglikelihood", docs, [" red", " a blue square", "yes", " no"])
+    batched = (lm.generate_until(gen), lm.loglikelihood_values(ll))
+    lm.batch_size_per_gpu = 1
+    single = (lm.generate_until(gen), lm.loglikelihood_values(ll))
+    assert batched[0] == single[0]
+    for (a, ga), (b, gb) in zip(batched[1], single[1], strict=True):
+        assert a == pytest.approx(b, abs=2e-4) and ga == gb
+    for s in lm.recorder.samples:
+        assert (s.visual_before == 0) == (s.doc_id == 2)
+        assert s.visual_after < s.visual_before or s.visual_before == 0
+
+
+def test_videos_from_files_and_frame_lists(tiny_qwen, tmp_path):
+    """A video file (decoded with decord, ``frames`` sampled) and a list of frames in one batch."""
+    av = pytest.importorskip("av")
+    pytest.importorskip("decord")
+    from lmms_eval.api.instance import Instance
+
+    from pact.testing import sample_video
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in sample_video(0, num_frames=6, size=(64, 48)):
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    lm = _wrapper(tiny_qwen, layer=2, batch_size=2, frames=4)
+    lm.task_dict = {"v": {"test": [{"video": str(clip)}, {"video": sample_video(1, 8, (64, 48))}]}}
+    args = [
+        ("What happens?", {"max_new_tokens": 2}, lambda d: [d["video"]], i, "v", "test") for i in range(2)
+    ]
+    reqs = [Instance("generate_until", a, 0, {"task": "v", "doc_id": a[3], "repeats": 1}) for a in args]
+    assert all(isinstance(t, str) for t in lm.generate_until(reqs))
+    # 4 frames of 48 x 64 pixels: 2 temporal patches x 4 merged 28-pixel tokens each.
+    assert [s.visual_before for s in lm.recorder.samples] == [8, 8]
+    assert all(s.visual_after < s.visual_before for s in lm.recorder.samples)
+
+
+def test_bad_model_args_name_the_key(tiny_qwen):
+    from pact.eval.models import PactLlavaOnevision, PactQwen2VL
+
+    with pytest.raises(ValueError, match="kep_ratio"):
+        PactQwen2VL(pretrained=str(tiny_qwen), device="cpu", kep_ratio=0.5)
+    with pytest.raises(ValueError, match="pact_qwen2_vl"):
+        PactLlavaOnevision(pretrained=str(tiny_qwen), device="cpu")
+
+
+def test_helpers():
+    from pact.eval.models import (
+        batches,
+        continuation_logprob,
+        cut_at_stop,
+        group_by_kwargs,
+        merge_model_args,
+        parse_value,
+    )
+
+    assert cut_at_stop("yes.\n\nmore", ["\n\n", "."]) == "yes"
+    assert cut_at_stop("abc", ["", "z"]) == "abc"
+    assert batches([5, 6, 7], 2) == [[5, 6], [7]]
+    groups = group_by_kwargs([{"a": 1}, {"a": 2}, {"a": 1}], [3, 9, 7])
+    assert groups == [[2, 0], [1]]
+    logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    ll, greedy = continuation_logprob(logits, torch.tensor([1, 0]))
+    expected = float(torch.log_softmax(logits, -1)[0, 1] + torch.log_softmax(logits, -1)[1, 0])
+    assert ll == pytest.approx(expected) and greedy
+    assert continuation_logprob(logits, torch.tensor([0, 0]))[1] is False
+    assert merge_model_args(
+        {"device": "cpu"}, {"device": "cuda", "batch_size": 2, "max_batch_size": None}
+    ) == {
+        "device": "cpu",
+        "batch_size": 2,
+    }
+    assert parse_value("null") is None and parse_value("none") == "none" and parse_value(0.5) == 0.5
+
+
+def test_manifests_and_entry_point_table():
+    from pact.eval.manifest import ENTRY_POINTS, MANIFESTS
+    from pact.eval.models import FAMILY_CLASSES
+    from pact.testing import FAMILIES
+
+    assert [m.model_id for m in MANIFESTS] == [f"pact_{f}" for f in FAMILIES]
+    for m in MANIFESTS:
+        cls_name = m.simple_class_path.rsplit(".", 1)[1]
+        assert FAMILY_CLASSES[m.model_id[len("pact_") :]].__name__ == cls_name
+        assert FAMILY_CLASSES[m.model_id[len("pact_") :]].is_simple
+    assert set(ENTRY_POINTS) == {m.model_id for m in MANIFESTS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports and plots from synthetic runs
+
+
+def _write_run(root: Path, date: str, label_cfg: dict, scores: dict, per_task: dict, summary: dict) -> None:
+    d = root / "org__model"
+    d.mkdir(parents=True, exist_ok=True)
+    results = {
+        "results": {t: {"alias": t, **{f"{m},none": v for m, v in ms.items()}} for t, ms in scores.items()},
+        "configs": {t: {} for t in scores},
+        "higher_is_better": {t: {m: m != "wer" for m in ms} for t, ms in scores.items()},
+        "config": {"model": "pact_qwen2_vl", "model_args": "pretrained=org/model"},
+    }
+    (d / f"{date}_results.json").write_text(json.dumps(results))
+    metrics = {"pretrained": "org/model", "config": label_cfg, "summary": summary, "per_task": per_task}
+    (d / f"{date}_pact_metrics.json").write_text(json.dumps(metrics))
+
+
+def _synthetic_runs(root: Path) -> None:
+    ref = {"reduction": False}
+    pact_cfg = {"reduction": True, "pruning": "euti", "clustering": "dbdpc", "keep_ratio": 0.55}
+    fastv = {"reduction": True, "pruning": "fastv", "clustering": "none", "keep_ratio": 0.5}
+    speed = {"samples_per_second": 1.0, "peak_memory_gb_max": 27.4}
+    _write_run(
+        root / "ref",
+        "20250101_000000",
+        ref,
+        {"a": {"acc": 0.8}, "b": {"wer": 0.2, "bleu": 0.5}},
+        {
+            "a": {"reduction_ratio": 0.0, "visual_tokens_before": 100, "visual_tokens_after": 100},
+            "b": {"reduction_ratio": 0.0, "visual_tokens_before": 300, "visual_tokens_after": 300},
+        },
+        speed,
+    )
+    for date, cfg, sa, sb, ra, rb in [
+        ("20250102_000000", pact_cfg, 0.79, (0.21, 0.49), 0.7, 0.71),
+        ("20250103_000000", fastv, 0.76, (0.25, 0.45), 0.5, 0.5),
+        ("20250104_000000", {**fastv, "keep_ratio": 0.3}, 0.7, (0.3, 0.4), 0.7, 0.7),
+    ]:
+        per_task = {
+            "a": {
+                "reduction_ratio": ra,
+                "visual_tokens_before": 100,
+                "visual_tokens_after": round(100 * (1 - ra)),
+            },
+            "b": {
+                "reduction_ratio": rb,
+                "visual_tokens_before": 300,
+                "visual_tokens_after": round(300 * (1 - rb)),
+            },
+        }
+        _write_run(
+            root / cfg["pruning"],
+            date,
+            cfg,
+            {"a": {"acc": sa}, "b": {"wer": sb[0], "bleu": sb[1]}},
+            per_task,
+            {"samples_per_second": 2.25, "peak_memory_gb_max": 19.05},
+        )
+
+
+def test_report_pairs_reference_and_averages(tmp_path):
+    from pact.eval import report
+
+    _synthetic_runs(tmp_path)
+    rows = report.build_rows(report.find_runs([tmp_path]))
+    assert len(rows) == 8
+    row = next(r for r in rows if r.method == "pact" and r.task == "b")
+    # wer is lower-is-better (ref/score), bleu higher-is-better (score/ref); the task averages both.
+    assert row.ratio == pytest.approx((0.2 / 0.21 + 0.49 / 0.5) / 2)
+    assert row.throughput_ratio == pytest.approx(2.25) and row.peak_memory_gb == 19.05
+    assert row.reference_peak_memory_gb == 27.4
+    points = {(p.method, round(p.reduction_ratio, 3)): p for p in report.summarize_points(rows)}
+    pact_point = points[("pact", round(1 - (30 + 87) / 400, 3))]  # token-weighted over a and b
+    assert pact_point.benchmarks == 2
+    assert pact_point.metric_ratio == pytest.approx((0.79 / 0.8 + row.ratio) / 2)
+    assert points[("no_reduction", 0.0)].metric_ratio == pytest.approx(1.0)
+    assert len([p for p in points if p[0] == "fastv"]) == 2
+
+    csv_path, md_path = tmp_path / "r.csv", tmp_path / "r.md"
+    assert report.main([str(tmp_path), "--csv", str(csv_path), "--markdown", str(md_path)]) == 0
+    assert csv_path.read_text().count("\n") == 9 and "| pact |" in md_path.read_text()
+
+
+def test_plot_writes_png(tmp_path):
+    from pact.eval import plot
+
+    _synthetic_runs(tmp_path / "runs")
+    out = tmp_path / "fig.png"
+    assert plot.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # Nothing to plot without a reference run: a clear message, exit code 1.
+    empty = tmp_path / "noref"
+    _synthetic_runs(empty)
+    for f in (empty / "ref").rglob("*.json"):
+        f.unlink()
+    assert plot.main([str(empty), "--out", str(tmp_path / "x.png")]) == 1
