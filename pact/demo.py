@@ -10,6 +10,7 @@ regions were pruned or merged. `--model DIR` does the same with a real local che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import statistics
 import threading
@@ -59,10 +60,8 @@ class _RssSampler:
             return int(f.read().split()[1])
 
     def __enter__(self) -> _RssSampler:
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
         self.base = self._rss_pages()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -271,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     image = Image.open(args.image).convert("RGB") if args.image else testing.demo_photo()
-    inputs = build_inputs(processor, image, args.device, min_pixels=args.max_pixels, max_pixels=args.max_pixels)
+    pixels = args.max_pixels
+    inputs = build_inputs(processor, image, args.device, min_pixels=pixels, max_pixels=pixels)
     cfg = pact.load_config(args.config)
     print(f"pact demo: {what}")
     print(f"device {args.device}, dtype {args.dtype}, attention {args.attn}; config: {cfg.describe()}")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = inputs.get("image_grid_thw")
     record = st.records[-1][0] if st.records else None  # last step, first (only) sample
     if grid is not None and record is not None:
-        t, h, w = (int(v) for v in grid[0])
+        _, h, w = (int(v) for v in grid[0])
         merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 2)
         png = out_dir / "pact_demo.png"
         title = (f"PACT: {reduced.visual_before} -> {reduced.visual_after} visual tokens\n"

@@ -1,0 +1,198 @@
+"""Clustering baselines of the PACT paper -- k-means, agglomerative, DPC, DBSCAN -- and every
+"score pruning, then clustering" combination.
+
+All cluster the same features DBDPC does (``cluster_features``: layer-L post-RoPE keys by default),
+in float32 (``pact.ops.clustering``; the reference's k-means and agglomerative crashed under bf16 and
+its DBSCAN could not run at all), and merge each cluster into its representative token: size-weighted
+mean hidden state (``merge_mean``), summed size for proportional attention, the representative's
+position. The representative is the member nearest the centroid (k-means), nearest the mean feature
+(agglomerative), the density peak (DPC) or the member with the most eps-neighbours (DBSCAN).
+
+Cluster counts: ``int(S * cluster_ratio)`` (at least 1) for k-means, agglomerative (scikit-learn) and
+DPC, S = tokens being clustered; DBSCAN's count follows from ``dbscan_eps`` (a Euclidean radius on
+L2-normalised features, as in the reference's cuML call) and ``dbscan_min_samples``; noise is dropped
+or kept as singletons (``dbscan_noise_as_clusters``).
+
+Budget (``target_tokens`` / ``target_ratio``): the count becomes the target for k-means,
+agglomerative and DPC; DBSCAN bisects eps (``search_dbscan_eps``). With a pruning stage
+(``fastv``, ``norm``, ``random``, ``euti``, ``custom``) the pruning keeps ``int(N * keep_ratio)``
+tokens and the clustering of those meets the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pact.methods.base import Method, Signals, register
+from pact.methods.budget import (
+    cluster_reduction,
+    pruned_reduction,
+    search_threshold,
+    select_by_scores,
+    target_count,
+)
+from pact.methods.controls import norm_token_scores, random_token_scores
+from pact.methods.fastv import fastv_input_layers, fastv_token_scores
+from pact.methods.pact import cluster_features
+from pact.ops import clustering as ops_clustering
+from pact.ops.reduction import Reduction
+from pact.ops.scoring import euti_scores
+
+Clusterer = Callable[[torch.Tensor, Any, "int | None"], tuple[torch.Tensor, torch.Tensor]]
+"""(features (S, F), config, target count or None) -> (centers LongTensor[C] into the S points,
+labels LongTensor[S]: point index of each point's representative, or -1 = dropped)."""
+
+
+def euti_token_scores(signals: Signals) -> torch.Tensor:
+    """float32 (N,) EUTI scores (PACT's pruning score) with the config's EUTI options."""
+    cfg = signals.config
+    rope = bool(cfg.euti_rope)
+    return euti_scores(
+        signals.hidden,
+        signals.queries(rope=rope),
+        signals.keys(rope=rope),
+        signals.visual_mask,
+        support=cfg.euti_support,
+        query_from=cfg.euti_query,
+        multiply_by_norm=bool(cfg.multiply_by_norm),
+        norm_order=float(cfg.norm_order),
+    )
+
+
+PRUNERS: dict[str, Callable[[Signals], torch.Tensor]] = {
+    "euti": euti_token_scores,
+    "fastv": fastv_token_scores,
+    "norm": norm_token_scores,
+    "random": random_token_scores,
+}
+"""Score-based pruning stages usable before a clustering: pruning name -> (signals -> (N,) scores).
+``pact.methods.custom_method`` adds "custom"."""
+
+
+def _count(cfg: Any, s: int, target: int | None) -> int:
+    """Cluster count for S points: the target, else int(S * cluster_ratio), within [1, S]."""
+    k = int(s * float(cfg.cluster_ratio)) if target is None else int(target)
+    return max(1, min(k, s))
+
+
+def kmeans_clusters(x: torch.Tensor, cfg: Any, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean k-means on the raw features (the reference's faiss call), seeded by ``random_seed``."""
+    return ops_clustering.kmeans(
+        x, _count(cfg, x.shape[0], target), int(cfg.kmeans_iters), int(cfg.random_seed)
+    )
+
+
+def agglomerative_clusters(
+    x: torch.Tensor, cfg: Any, target: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn agglomerative clustering on the cosine distance, ``linkage`` single/average/complete."""
+    return ops_clustering.agglomerative(x, _count(cfg, x.shape[0], target), linkage=cfg.linkage)
+
+
+def dpc_clusters(x: torch.Tensor, cfg: Any, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peaks clustering with DBDPC's distance, density bandwidth and kernel."""
+    return ops_clustering.dpc(
+        x, _count(cfg, x.shape[0], target), float(cfg.density_bandwidth), kernel=cfg.density_kernel
+    )
+
+
+def _dbscan(x: torch.Tensor, cfg: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return ops_clustering.dbscan(
+        x,
+        eps,
+        int(cfg.dbscan_min_samples),
+        bool(cfg.dbscan_noise_as_clusters),
+        metric="euclidean_unit",
+    )
+
+
+_EPS_MAX = 2.0  # Euclidean distance between unit vectors is at most 2: every point is a neighbour
+
+
+def search_dbscan_eps(x: torch.Tensor, cfg: Any, target: int) -> float:
+    """eps (Euclidean, unit vectors) whose DBSCAN keeps the token count closest to ``target``.
+
+    With noise kept as singletons the count only decreases with eps: bisect on [0, 2]. With noise
+    dropped, a tiny eps makes every point noise (count 0), so the count first rises then falls: we
+    locate the peak on a coarse grid (eps = 2k/16) and bisect on the falling side [peak, 2]; a target
+    above the peak count gets the peak.
+    """
+
+    def run(eps: float) -> int:
+        return int(_dbscan(x, cfg, eps)[0].numel())
+
+    lo = 0.0
+    if not cfg.dbscan_noise_as_clusters:
+        grid = [_EPS_MAX * k / 16 for k in range(1, 17)]
+        counts = [run(e) for e in grid]
+        peak = max(range(len(grid)), key=lambda i: (counts[i], -i))
+        if counts[peak] <= target:
+            return grid[peak]
+        lo = grid[peak]
+    return search_threshold(run, target, lo, _EPS_MAX)[0]
+
+
+def dbscan_clusters(x: torch.Tensor, cfg: Any, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DBSCAN with ``dbscan_eps``, or the eps that meets the target."""
+    eps = float(cfg.dbscan_eps) if target is None else search_dbscan_eps(x, cfg, target)
+    return _dbscan(x, cfg, eps)
+
+
+CLUSTERERS: dict[str, Clusterer] = {
+    "kmeans": kmeans_clusters,
+    "agglomerative": agglomerative_clusters,
+    "dpc": dpc_clusters,
+    "dbscan": dbscan_clusters,
+}
+"""clustering name -> Clusterer."""
+
+
+class PruneThenCluster(Method):
+    """Optional score pruning (``cfg.pruning``), then a clustering (``cfg.clustering``) of the survivors.
+
+    Registered for every pruning in ``PRUNERS`` (and "none") x every clustering in ``CLUSTERERS``.
+    """
+
+    name = "prune_then_cluster"
+
+    def input_layers(self, num_layers: int) -> list[int]:
+        return fastv_input_layers(self.config) if self.config.pruning == "fastv" else []
+
+    def prune(self, signals: Signals) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(subset: ascending visual indices that survive the pruning, scores or None)."""
+        n = signals.num_visual
+        if self.config.pruning == "none":
+            return torch.arange(n, device=signals.hidden.device), None
+        scores = PRUNERS[self.config.pruning](signals)
+        return select_by_scores(scores, self.config, alone=False), scores
+
+    def reduce(self, signals: Signals) -> Reduction:
+        cfg = self.config
+        n = signals.num_visual
+        subset, scores = self.prune(signals)
+        if subset.numel() == 0:
+            return pruned_reduction(subset, n, scores=scores)
+        vis = signals.visual_mask
+        x = cluster_features(signals)[vis][subset]
+        target = target_count(cfg, n)
+        if target == 0:
+            return pruned_reduction(subset[:0], n, scores=scores)
+        centers, labels = CLUSTERERS[cfg.clustering](x, cfg, target)
+        return cluster_reduction(
+            signals.hidden[vis],
+            signals.sizes,
+            n,
+            subset,
+            centers,
+            labels,
+            merge_mean=bool(cfg.merge_mean),
+            scores=scores,
+        )
+
+
+for _pruning in ("none", *PRUNERS):
+    for _clustering in CLUSTERERS:
+        register(_pruning, _clustering)(PruneThenCluster)

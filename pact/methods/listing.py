@@ -1,0 +1,101 @@
+"""``pact methods``: the registered reduction methods, one line each, and the model families they run on.
+
+pact methods                 # every (pruning, clustering) pair
+pact methods --family qwen2_vl
+pact methods --configs       # the bundled configs and the method each selects
+"""
+
+from __future__ import annotations
+
+import argparse
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
+
+PRUNING_TEXT = {
+    "euti": "EUTI pruning (PACT's importance score)",
+    "fastv": "FastV pruning (attention received; reference or original variant)",
+    "norm": "hidden-state norm pruning",
+    "random": "random pruning (seeded control)",
+    "withdraw": "VTW: withdraw every visual token at one layer",
+    "vispruner": "VisPruner: [CLS]-attention important + similarity-diverse tokens (vision side)",
+    "hired": "HiRED: base/sub-image budget split + [CLS]-attention top-k (vision side)",
+    "custom": "custom pruning score (pact.custom / custom_pruning_fn)",
+}
+CLUSTERING_TEXT = {
+    "dbdpc": "DBDPC clustering (PACT)",
+    "tome": "ToMe: progressive bipartite merging from layer 0 with the reference r-schedule",
+    "kmeans": "k-means clustering (Euclidean on the keys)",
+    "dpc": "density-peaks clustering",
+    "agglomerative": "agglomerative clustering (single/average/complete)",
+    "dbscan": "DBSCAN clustering (noise dropped or singletons)",
+    "prumerge": "PruMerge(+): [CLS]-attention outliers absorb similar tokens (vision side)",
+    "pooling": "spatial pooling of stride x stride windows (control)",
+    "custom": "custom clustering and merging (pact.custom / custom_reduction_fn)",
+}
+SPECIAL = {
+    ("none", "none"): "no reduction (identity)",
+    ("euti", "dbdpc"): "PACT: EUTI pruning + DBDPC clustering + retrieval of pruned tokens",
+}
+
+
+def describe(pruning: str, clustering: str) -> str:
+    """One-line description of a (pruning, clustering) pair."""
+    if (pruning, clustering) in SPECIAL:
+        return SPECIAL[(pruning, clustering)]
+    if clustering == "none":
+        return PRUNING_TEXT.get(pruning, pruning)
+    if pruning == "none":
+        return CLUSTERING_TEXT.get(clustering, clustering)
+    return f"{PRUNING_TEXT.get(pruning, pruning)}, then {CLUSTERING_TEXT.get(clustering, clustering)}"
+
+
+def families_of(factory: object) -> tuple[str, ...]:
+    """Model families a method runs on (its ``families`` attribute; default: all)."""
+    return tuple(getattr(factory, "families", FAMILIES))
+
+
+def rows(family: str | None = None) -> list[tuple[str, str, str]]:
+    """(pair, families, description) for every registered method, sorted by pair."""
+    from pact.methods import REGISTRY
+
+    out = []
+    for (pruning, clustering), factory in sorted(REGISTRY.items()):
+        fams = families_of(factory)
+        if family is not None and family not in fams:
+            continue
+        label = "all" if set(fams) == set(FAMILIES) else ", ".join(fams)
+        out.append((f"{pruning}+{clustering}", label, describe(pruning, clustering)))
+    return out
+
+
+def config_rows() -> list[tuple[str, str]]:
+    """(config name, "pruning+clustering layer L") for every bundled config."""
+    from pact.config import config_names, load_config
+
+    out = []
+    for name in config_names():
+        cfg = load_config(name)
+        what = "reduction off" if not cfg.reduction else f"{cfg.pruning}+{cfg.clustering} layer {cfg.layer}"
+        out.append((name, what))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pact methods", description="List the token-reduction methods.")
+    parser.add_argument("--family", choices=FAMILIES, help="only the methods that support this model family")
+    parser.add_argument("--configs", action="store_true", help="list the bundled configs instead")
+    args = parser.parse_args(argv)
+    if args.configs:
+        table = config_rows()
+        width = max(len(n) for n, _ in table)
+        for name, what in table:
+            print(f"{name:<{width}}  {what}")
+        return 0
+    table = rows(args.family)
+    w0 = max(len(r[0]) for r in table)
+    w1 = max(len(r[1]) for r in table)
+    print(f"{'pruning+clustering':<{w0}}  {'families':<{w1}}  description")
+    for pair, fams, text in table:
+        print(f"{pair:<{w0}}  {fams:<{w1}}  {text}")
+    print("\nSelect one with the config keys `pruning` and `clustering` (see docs/CONFIGDOC.md).")
+    return 0

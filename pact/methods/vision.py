@@ -1,0 +1,647 @@
+"""Vision-side methods: VisPruner, PruMerge(+) and HiRED choose the visual tokens from the vision
+encoder's attention, then remove them before decoder layer ``cfg.layer`` (0 in their configs, i.e.
+before the language model sees them).
+
+How the vision-encoder attention is obtained (no eager switch, no patched forward):
+
+1. ``install`` (at ``pact.apply``) registers forward pre-hooks on the attention module of the
+   encoder layers a method reads, and a forward hook on the module whose output rows become the
+   LLM's visual tokens (the multimodal projector, Qwen's patch merger). The pre-hook receives the
+   layer's (normed) input and recomputes that layer's queries and keys exactly as the module does
+   (its own projections, q/k norms, rotary embedding), then keeps only the signal a method needs:
+   * encoders with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, InternViT): the head-mean attention
+     of the [CLS] query over the patches (``pact.ops.vision.cls_attention``);
+   * encoders without one (SigLIP in LLaVA-OneVision, the Qwen2-VL / Qwen2.5-VL ViTs): the documented
+     substitute ``pact.ops.vision.mean_received_attention``, the mean attention each patch receives
+     from all patches of its image (or of its attention window), computed in query chunks.
+   The signal of each patch is then carried to the projector rows with the model's own layout:
+   one row per patch (CLIP, SigLIP; [CLS] dropped under the "default" feature strategy), the mean
+   over the 2x2 patches of InternVL's pixel shuffle (the model's ``pixel_shuffle`` applied to the
+   signal map) and of Qwen's merger (4 consecutive patches). LLaVA-OneVision videos additionally get
+   the model's own ``apply_pooling`` view.
+2. At the reduction layer every visual token of a sample is matched to the captured row it was
+   built from: nearest row of its LLM input embedding (exact copies in every family; LLaVA-NeXT's
+   unpadding, newline slots and batch order need no re-derivation, and it works in ``generate``,
+   where transformers encodes the images before the prefill without passing ``image_sizes``).
+   Rows a model interpolated (LLaVA-OneVision's ``anyres_max`` downscaling) take the nearest row's
+   signal, an approximation.
+
+Which encoder layer: the one whose output feeds the projector (``vision_feature_layer``; Qwen's last
+block) for VisPruner and HiRED's selection, the next one for PruMerge (the layer whose attention the
+original computes on the selected features), layer 0 for HiRED's budget split.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from pact.methods.base import Method, Signals, register
+from pact.methods.budget import pruned_reduction, target_count
+from pact.methods.layout import Group, sample_groups
+from pact.ops.reduction import Reduction
+from pact.ops.scoring import keep_count, topk_indices
+from pact.ops.vision import (
+    cls_attention,
+    hired_budgets,
+    hired_crop_scores,
+    mean_received_attention,
+    prumerge,
+    vispruner_select,
+)
+
+CLS_FAMILIES = ("llava", "llava_next", "internvl")
+"""Families whose vision encoder has a [CLS] token (the methods' own signal)."""
+SUBSTITUTE_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+"""Families that get the substitute signal (mean received attention)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Probes: what differs between vision encoders
+
+
+class _Probe:
+    """Family-specific access to the vision encoder: its layers, q/k of a layer, the output rows."""
+
+    has_cls = True
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self.vlm = adapter.vlm
+        self.config = adapter.model.config
+
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def select_layer(self) -> int:
+        """Index of the encoder layer whose output feeds the projector."""
+        fl = self.config.vision_feature_layer
+        fl = fl[-1] if isinstance(fl, (list, tuple)) else int(fl)
+        n = len(self.layers())
+        index = fl % (n + 1) - 1  # hidden_states[k] is the output of layer k - 1
+        if index < 0:
+            raise ValueError(f"vision_feature_layer={fl} selects the patch embeddings: no attention to read")
+        return index
+
+    def rows_module(self) -> nn.Module:
+        return self.vlm.multi_modal_projector
+
+    def qk(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(q, k, segment lengths): q/k (S_total, H, d) over the concatenated images of the call."""
+        x = args[0] if args else kwargs["hidden_states"]
+        b, s, _ = x.shape
+        h = module.num_heads
+        q = module.q_proj(x).view(b, s, h, -1)
+        k = module.k_proj(x).view(b, s, h, -1)
+        return q.flatten(0, 1), k.flatten(0, 1), [s] * b
+
+    def scale(self, module: nn.Module) -> float:
+        return float(getattr(module, "scale", getattr(module, "scaling", None)))
+
+    def drops_cls(self) -> bool:
+        return self.has_cls and getattr(self.config, "vision_feature_select_strategy", "default") == "default"
+
+    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """Per-patch values (S_total, C) -> per-row values (R, C) (patches of one image per segment)."""
+        parts = torch.split(values, segments)
+        if self.drops_cls():
+            parts = [p[1:] for p in parts]
+        return torch.cat(parts)
+
+    def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
+        """Extra (rows, values) views for tokens the model builds from the rows (default: none)."""
+        return []
+
+
+class _ClipProbe(_Probe):
+    """CLIP (LLaVA-1.5, LLaVA-NeXT) and SigLIP (LLaVA-OneVision) towers."""
+
+    def layers(self) -> nn.ModuleList:
+        tower = self.vlm.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].self_attn
+
+
+class _SiglipProbe(_ClipProbe):
+    has_cls = False
+
+    def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
+        # OneVision videos: the projector rows of each frame are bilinearly pooled (apply_pooling).
+        per = segments[0] if segments else 0
+        side = int(self.config.vision_config.image_size) // int(self.config.vision_config.patch_size)
+        if not segments or per != side * side or any(s != per for s in segments):
+            return []
+        b = len(segments)
+        pooled_rows = self.vlm.apply_pooling(rows.view(b, per, -1)).flatten(0, 1)
+        pooled = {
+            k: self.vlm.apply_pooling(v.view(b, per, -1).float()).flatten(0, 1) for k, v in values.items()
+        }
+        return [(pooled_rows, pooled)]
+
+
+class _InternVLProbe(_Probe):
+    def layers(self) -> nn.ModuleList:
+        return self.vlm.vision_tower.encoder.layer
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention
+
+    def qk(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        x = args[0] if args else kwargs["hidden_states"]
+        b, s, _ = x.shape
+        q = module.q_norm(module.q_proj(x)).view(b, s, module.num_heads, -1)
+        k = module.k_norm(module.k_proj(x)).view(b, s, module.num_heads, -1)
+        return q.flatten(0, 1), k.flatten(0, 1), [s] * b
+
+    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        parts = torch.split(values, segments)
+        if self.drops_cls():
+            parts = [p[1:] for p in parts]
+        x = torch.stack(parts)  # (B, P, C)
+        b, p, c = x.shape
+        side = math.isqrt(p)
+        shuffled = self.vlm.pixel_shuffle(x.view(b, side, side, c), scale_factor=self.config.downsample_ratio)
+        group = round(1 / self.config.downsample_ratio**2)  # patches per token (4)
+        return shuffled.reshape(b, -1, group, c).mean(2).flatten(0, 1)
+
+
+class _QwenProbe(_Probe):
+    has_cls = False
+
+    def layers(self) -> nn.ModuleList:
+        return self.vlm.visual.blocks
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attn
+
+    def select_layer(self) -> int:
+        return len(self.layers()) - 1  # the merger reads the last block
+
+    def rows_module(self) -> nn.Module:
+        return self.vlm.visual.merger
+
+    def qk(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        cos, sin = kwargs["position_embeddings"]
+        s = x.shape[0]
+        q, k, _ = module.qkv(x).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        q, k = rope(q, k, cos, sin)
+        segments = torch.diff(cu).tolist() if cu is not None else [s]
+        return q, k, [int(n) for n in segments if n > 0]
+
+    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        unit = int(self.vlm.visual.spatial_merge_size) ** 2  # consecutive patches of one merged token
+        return values.view(-1, unit, values.shape[-1]).mean(1)
+
+
+_PROBES = {
+    "llava": _ClipProbe,
+    "llava_next": _ClipProbe,
+    "llava_onevision": _SiglipProbe,
+    "internvl": _InternVLProbe,
+    "qwen2_vl": _QwenProbe,
+    "qwen2_5_vl": _QwenProbe,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture
+
+
+class VisionCapture:
+    """Hooks that record, for every vision-encoder call, the rows sent to the LLM and per-row signals.
+
+    ``layers`` maps a signal name to an encoder layer index; each signal is the [CLS] attention (or
+    the substitute) of that layer, shape (R, 1); ``keys_of`` names the signals whose full-width keys
+    (R, H * d) are recorded too, as "<name>_keys". ``records`` holds one dict per call:
+    ``rows`` (R, D), ``values`` {name: (R, C)}, ``crop`` (R,) long (the image/crop of each row,
+    numbered across the calls of one prefill), plus extra views.
+    """
+
+    def __init__(self, adapter: Any, layers: dict[str, int], keys_of: tuple[str, ...] = ()) -> None:
+        family = adapter.family
+        if family not in _PROBES:
+            raise ValueError(f"vision-side methods do not support model family {family!r}")
+        self.probe = _PROBES[family](adapter)
+        n = len(self.probe.layers())
+        for name, layer in layers.items():
+            if not 0 <= layer < n:
+                raise ValueError(
+                    f"vision signal {name!r} reads encoder layer {layer}; the encoder has {n} layers"
+                )
+        self.layers = layers
+        self.keys_of = keys_of
+        self.records: list[dict[str, Any]] = []
+        self._pending: dict[str, torch.Tensor] = {}
+        self._segments: list[int] = []
+        self._crops = 0
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        if self.handles:
+            return
+        for layer in sorted(set(self.layers.values())):
+            module = self.probe.attention(layer)
+            names = [name for name, j in self.layers.items() if j == layer]
+            self.handles.append(
+                module.register_forward_pre_hook(self._attention_hook(names), with_kwargs=True)
+            )
+        self.handles.append(self.probe.rows_module().register_forward_hook(self._rows_hook))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self.records.clear()
+        self._pending.clear()
+        self._crops = 0
+
+    def _attention_hook(self, names: list[str]) -> Any:
+        probe = self.probe
+
+        @torch.no_grad()
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            q, k, segments = probe.qk(module, args, kwargs)
+            scale = probe.scale(module)
+            scores = []
+            for qs, ks in zip(torch.split(q, segments), torch.split(k, segments), strict=True):
+                if probe.has_cls:
+                    patches = cls_attention(qs[0], ks[1:], ks[0], scale=scale)
+                    scores.append(torch.cat([patches.max().reshape(1), patches]))  # [CLS] row: most important
+                else:
+                    scores.append(mean_received_attention(qs, ks, scale=scale))
+            value = torch.cat(scores)[:, None]
+            for name in names:
+                self._pending[name] = value
+                if name in self.keys_of:
+                    self._pending[name + "_keys"] = k.flatten(1).float()
+            self._segments = list(segments)
+
+        return hook
+
+    @torch.no_grad()
+    def _rows_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._pending:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        rows = out.reshape(-1, out.shape[-1]).detach()
+        segments = self._segments
+        values = {name: self.probe.to_rows(v, segments) for name, v in self._pending.items()}
+        per_crop = rows.shape[0] // max(1, len(segments))
+        crop = torch.arange(len(segments), device=rows.device).repeat_interleave(per_crop) + self._crops
+        if crop.numel() != rows.shape[0]:
+            crop = torch.full((rows.shape[0],), self._crops, device=rows.device)
+        self._crops += len(segments)
+        for name, v in values.items():
+            if v.shape[0] != rows.shape[0]:
+                raise RuntimeError(
+                    f"vision capture: {v.shape[0]} {name} values for {rows.shape[0]} projector rows"
+                )
+        record = {"rows": rows, "values": values, "crop": crop}
+        self.records.append(record)
+        for extra_rows, extra_values in self.probe.views(rows, values, segments):
+            # one view row per crop slice of equal size: the crop id of each view row
+            per_view = extra_rows.shape[0] // max(1, len(segments))
+            view_crop = crop.view(len(segments), -1)[:, :1].expand(-1, per_view).reshape(-1)
+            self.records.append({"rows": extra_rows, "values": extra_values, "crop": view_crop})
+        self._pending = {}
+
+
+_PROJECTION_DIM = 32
+_MATCH_ITEMS = 1 << 24  # floats per temporary in match_rows (64 MiB)
+
+
+def match_rows(
+    embeds: torch.Tensor, rows: torch.Tensor, candidates: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the captured row each visual token was built from, and whether it is an exact copy.
+
+    The ``candidates`` nearest rows in a fixed, seeded 32-d random projection (float32), then the
+    nearest of those in full width (near-duplicate rows, e.g. flat image regions, are told apart
+    there). A token is *exact* when its distance to the chosen row is below 1e-6 of its norm (bit
+    copies in every family; interpolated tokens are not).
+
+    Args:
+        embeds: (N, D) LLM input embeddings of the visual tokens. rows: (R, D) captured rows.
+    Returns:
+        (LongTensor[N] row index, BoolTensor[N] exact).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(12345)
+    w = torch.randn(embeds.shape[1], _PROJECTION_DIM, generator=gen).to(embeds.device)
+    r = rows.float()
+    pr = r @ w
+    k = min(candidates, r.shape[0])
+    n, d = embeds.shape
+    # chunks of tokens bound the (chunk, R) projected distances and the (chunk, k, D) differences
+    step = max(1, min(_MATCH_ITEMS // max(1, r.shape[0]), _MATCH_ITEMS // max(1, k * d)))
+    best, exact = [], []
+    for start in range(0, n, step):
+        e = embeds[start : start + step].float()
+        near = torch.cdist(e @ w, pr).topk(k, dim=1, largest=False).indices  # (c, k)
+        full = torch.linalg.vector_norm(e[:, None, :] - r[near], dim=-1)  # (c, k)
+        err, pick = full.min(dim=1)
+        best.append(near.gather(1, pick[:, None]).squeeze(1))
+        exact.append(err <= 1e-6 * torch.linalg.vector_norm(e, dim=1).clamp_min(1e-12))
+    if not best:
+        empty = torch.zeros(0, dtype=torch.long, device=embeds.device)
+        return empty, empty.bool()
+    return torch.cat(best), torch.cat(exact)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+
+
+class VisionMethod(Method):
+    """Common part: capture hooks, the per-token signals of a sample, family checks."""
+
+    needs_merge = False
+    families: tuple[str, ...] = CLS_FAMILIES + SUBSTITUTE_FAMILIES
+    why_not = ""
+    keys_of: tuple[str, ...] = ()  # signals whose full-width keys are recorded too
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        if getattr(config, "progressive", False):
+            raise ValueError(
+                f"{self.name} selects tokens once from the vision encoder: set progressive=false"
+            )
+        self.capture: VisionCapture | None = None
+
+    def signal_layers(self, probe: _Probe) -> dict[str, int]:
+        """Signal name -> vision-encoder layer whose [CLS] attention (or substitute) is recorded."""
+        return {"attn": probe.select_layer()}
+
+    def input_layers(self, num_layers: int) -> list[int]:
+        return [0] if int(self.config.layer) > 0 else []
+
+    def install(self, model: Any, adapter: Any) -> list[Any]:
+        """Install the capture hooks (``pact.apply``); ``pact.remove`` removes the returned handles.
+
+        Raises:
+            ValueError: the model family is not supported by this method (says why).
+        """
+        if adapter.family not in self.families:
+            raise ValueError(
+                f"{self.name} does not support the {adapter.family!r} model family: {self.why_not} "
+                f"(supported: {', '.join(self.families)})"
+            )
+        if self.capture is not None:
+            self.capture.detach()
+        probe = _PROBES[adapter.family](adapter)
+        self.capture = VisionCapture(adapter, self.signal_layers(probe), self.keys_of)
+        self.capture.attach()
+        return list(self.capture.handles)
+
+    def prepare(self, model: Any, adapter: Any, inputs: dict[str, Any], context: dict[str, Any]) -> None:
+        if self.capture is None:
+            raise ValueError(f"{self.name}: the vision capture hooks are not installed (use pact.apply)")
+        if any(k.startswith("pixel_values") and v is not None for k, v in inputs.items()):
+            self.capture.clear()  # the encoder runs inside this forward: drop anything older
+
+    def finish(self, context: dict[str, Any]) -> None:
+        # Nothing to clear: the records were moved into this call's context when first read, and in
+        # `generate` the next prompt's encoder output may already be captured when this runs.
+        return None
+
+    def token_signals(self, signals: Signals) -> dict[str, torch.Tensor]:
+        """Per visual token of the sample: {"embeds": (N, D), name: (N, C), "crop": (N,)}."""
+        ctx = signals.context
+        if "pact.vision.rows" not in ctx:
+            records = self.capture.records if self.capture is not None else []
+            if not records:
+                raise ValueError(
+                    f"{self.name} found no captured vision-encoder output for this prefill: the visual "
+                    "tokens must come from the model's own vision encoder in the same call (or, in "
+                    "`generate`, its encoding step), not from precomputed embeddings"
+                )
+            names = records[0]["values"].keys()
+            ctx["pact.vision.rows"] = {
+                "rows": torch.cat([r["rows"] for r in records]),
+                "crop": torch.cat([r["crop"] for r in records]),
+                **{n: torch.cat([r["values"][n] for r in records]) for n in names},
+            }
+            self.capture.clear()  # consumed by this prefill
+        cap = ctx["pact.vision.rows"]
+        hidden = signals.hidden if signals.layer == 0 else signals.layer_input(0)
+        if hidden.shape[0] != signals.visual_mask.shape[0]:
+            raise ValueError(f"{self.name} must be the first reduction of the sample")
+        embeds = hidden[signals.visual_mask]
+        best, exact = match_rows(embeds, cap["rows"].to(embeds.device))
+        if embeds.shape[0] and not bool(exact.any()):
+            raise ValueError(
+                f"{self.name}: the visual tokens do not match the captured vision-encoder outputs "
+                "(stale capture?)"
+            )
+        out = {k: v.to(embeds.device)[best] for k, v in cap.items() if k != "rows"}
+        out["embeds"] = embeds
+        return out
+
+    def keep_total(self, n: int) -> int:
+        target = target_count(self.config, n)
+        return keep_count(n, float(self.config.keep_ratio)) if target is None else target
+
+
+@register("vispruner", "none")
+class VisPruner(VisionMethod):
+    """VisPruner (ICCV'25): important tokens by [CLS] attention + diverse tokens by similarity removal.
+
+    Per sample (all its images together): the top ``floor(T * vispruner_important_ratio)`` tokens by
+    [CLS] attention of the encoder's selected layer, then the rest thinned by repeated bipartite
+    similarity removal (8 per pass) over the LLM input embeddings of the visual tokens, T =
+    ``int(N * keep_ratio)`` or the budget (VisPruner's "visual_token_num").
+    """
+
+    name = "vispruner"
+
+    def reduce(self, signals: Signals) -> Reduction:
+        sig = self.token_signals(signals)
+        attn = sig["attn"][:, 0]
+        n = signals.num_visual
+        kept = vispruner_select(
+            attn, sig["embeds"], self.keep_total(n), float(self.config.vispruner_important_ratio)
+        )
+        return pruned_reduction(kept, n, signals.sizes, attn)
+
+
+def _image_slices(groups: list[Group]) -> list[tuple[int, int, list[Group]]]:
+    """(start, stop, groups) of each image of the sample, in token order."""
+    out: list[tuple[int, int, list[Group]]] = []
+    for g in groups:
+        if out and out[-1][2][0].image == g.image:
+            start, _, gs = out[-1]
+            out[-1] = (start, g.start + g.size, [*gs, g])
+        else:
+            out.append((g.start, g.start + g.size, [g]))
+    return out
+
+
+@register("none", "prumerge")
+class PruMerge(VisionMethod):
+    """PruMerge / PruMerge+ (``prumerge_plus``): per image, the tokens whose [CLS] attention is an IQR
+    outlier (or, with a budget, the top tokens) absorb their 32 most key-similar tokens weighted by
+    attention (``pact.ops.vision.prumerge``); the attention and keys come from the encoder layer after
+    the selected one (the original's layer 23 of 24 on LLaVA-1.5).
+    """
+
+    name = "prumerge"
+    needs_merge = True
+    keys_of = ("attn",)
+
+    def signal_layers(self, probe: _Probe) -> dict[str, int]:
+        return {"attn": min(probe.select_layer() + 1, len(probe.layers()) - 1)}
+
+    def reduce(self, signals: Signals) -> Reduction:
+        sig = self.token_signals(signals)
+        n = signals.num_visual
+        hidden = signals.hidden[signals.visual_mask]
+        target = target_count(self.config, n)
+        plus = bool(getattr(self.config, "prumerge_plus", False))
+        images = _image_slices(sample_groups(signals))
+        parts: list[tuple[int, Reduction]] = []
+        rates = [(b - a) / n for a, b, _ in images] if n else []
+        budgets = _split(target, rates) if target is not None else [None] * len(images)
+        for (start, stop, groups), budget in zip(images, budgets, strict=True):
+            grid = (groups[0].rows, groups[0].cols) if len(groups) == 1 else None
+            red = prumerge(
+                sig["attn"][start:stop, 0],
+                sig["attn_keys"][start:stop],
+                hidden[start:stop],
+                plus=plus,
+                n_keep=budget,
+                grid_shape=grid,
+            )
+            parts.append((start, red))
+        return _concat(parts, n, signals.sizes, hidden.device)
+
+
+def _split(total: int, shares: list[float]) -> list[int]:
+    """Integers summing to ``total`` proportional to ``shares`` (largest remainder, ties -> first)."""
+    if not shares:
+        return []
+    ideal = [total * s for s in shares]
+    base = [math.floor(x) for x in ideal]
+    left = total - sum(base)
+    order = sorted(range(len(shares)), key=lambda i: (-(ideal[i] - base[i]), i))
+    for i in order[:left]:
+        base[i] += 1
+    return base
+
+
+def _concat(
+    parts: list[tuple[int, Reduction]], n: int, sizes: torch.Tensor, device: torch.device
+) -> Reduction:
+    """One sample Reduction from per-image Reductions over consecutive token ranges (starting at ``start``).
+
+    Sizes: the per-image sizes count members; with earlier merges (sizes > 1) they are re-weighted by
+    the members' current sizes.
+    """
+    kept, labels, hidden, new_sizes = [], torch.full((n,), -1, dtype=torch.long, device=device), [], []
+    offset = 0
+    for start, red in parts:
+        m = red.labels.numel()
+        kept.append(red.kept + start)
+        lab = red.labels
+        labels[start : start + m] = torch.where(lab >= 0, lab + offset, lab)
+        if red.hidden is not None:
+            hidden.append(red.hidden.float())
+        member_sizes = sizes[start : start + m].float()
+        valid = lab >= 0
+        s = torch.zeros(red.kept.numel(), device=device).index_add_(0, lab[valid], member_sizes[valid])
+        new_sizes.append(s)
+        offset += red.kept.numel()
+    cat_hidden = torch.cat(hidden) if hidden and len(hidden) == len(parts) else None
+    return Reduction(
+        kept=torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=device),
+        sizes=torch.cat(new_sizes) if new_sizes else torch.zeros(0, device=device),
+        hidden=cat_hidden,
+        labels=labels,
+    )
+
+
+@register("hired", "none")
+class HiRED(VisionMethod):
+    """HiRED (AAAI'25): split each image's budget between its base image and sub-images (crops) with
+    the base image's [CLS] attention at encoder layer 0 (``hired_alpha`` = share of the base image;
+    the crops share the rest in proportion to the most-attended base tokens falling in each crop),
+    then keep the top tokens of each crop by [CLS] attention at the selected encoder layer. Images
+    without sub-images (LLaVA-1.5, OneVision multi-image) keep their top tokens. The per-image
+    budgets follow the images' token counts and add up exactly to ``int(N * keep_ratio)`` or the budget.
+    """
+
+    name = "hired"
+    families = ("llava", "llava_next", "llava_onevision")
+    why_not = (
+        "HiRED splits the budget between a base image and its sub-images, a layout only LLaVA-1.5, "
+        "LLaVA-NeXT and LLaVA-OneVision (anyres) have"
+    )
+
+    def signal_layers(self, probe: _Probe) -> dict[str, int]:
+        return {"attn": probe.select_layer(), "early": 0}
+
+    def _image_keep(
+        self, sig: dict[str, torch.Tensor], start: int, groups: list[Group], budget: int
+    ) -> torch.Tensor:
+        """Kept token indices (sample-level) of one image."""
+        stop = groups[-1].start + groups[-1].size
+        late = sig["attn"][start:stop, 0]
+        base = groups[0]
+        grid = next((g for g in groups if g.kind == "grid"), None)
+        if grid is None:
+            return topk_indices(late, min(budget, late.numel())) + start
+        crop = sig["crop"][start:stop]
+        grid_crops = crop[grid.start - start : grid.start - start + grid.size]
+        crops = torch.unique(grid_crops)  # ascending = row-major crop order
+        first_row = torch.unique(grid_crops[: grid.cols])
+        cols = max(1, first_row.numel())
+        rows = max(1, crops.numel() // cols)
+        early = sig["early"][start : start + base.size, 0]
+        shares = hired_crop_scores(
+            early, (base.rows, base.cols), (rows, cols), float(self.config.hired_alpha)
+        )
+        if shares.numel() != crops.numel():  # a crop lost to unpadding: share uniformly
+            shares = torch.ones(crops.numel(), device=late.device)
+        budgets = hired_budgets(
+            shares, budget, float(self.config.hired_alpha), base.size, base_tokens=base.size, exact=True
+        ).tolist()
+        chosen = torch.zeros(stop - start, dtype=torch.bool, device=late.device)
+        chosen[topk_indices(late[: base.size], min(budgets[0], base.size))] = True
+        for c, b in zip(crops.tolist(), budgets[1:], strict=True):
+            members = (crop == c).nonzero().squeeze(1)
+            members = members[members >= base.size]
+            pick = topk_indices(late[members], min(int(b), members.numel()))
+            chosen[members[pick]] = True
+        short = budget - int(chosen.sum())
+        if short > 0:  # crops smaller than their share after unpadding: fill with the best remaining
+            rest = (~chosen).nonzero().squeeze(1)
+            chosen[rest[topk_indices(late[rest], min(short, rest.numel()))]] = True
+        return chosen.nonzero().squeeze(1) + start
+
+    def reduce(self, signals: Signals) -> Reduction:
+        sig = self.token_signals(signals)
+        n = signals.num_visual
+        images = _image_slices(sample_groups(signals))
+        budgets = _split(self.keep_total(n), [(b - a) / n for a, b, _ in images] if n else [])
+        kept = [self._image_keep(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)]
+        kept_all = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=signals.hidden.device)
+        return pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])

@@ -1,0 +1,391 @@
+"""Every bundled config on tiny random models of every family: batched (2 samples, left padding),
+eager and sdpa, reduces visual tokens; unsupported combinations fail clearly; vision-side signals
+against the encoder's own (eager) attention; budgets on real layouts; `pact methods`; CONFIGDOC.
+
+The tiny models here have 6 decoder layers (the configs reduce at layer 4, VTW's formula needs
+L_eq = 4 < n) and are built once per test process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import pact
+import pact.api
+from pact import testing
+from pact.config import CONFIGS_DIR, config_names
+from pact.methods.vision import VisionCapture, match_rows
+
+FAMILIES = testing.FAMILIES
+CONFIGS = config_names()
+HIRED_FAMILIES = ("llava", "llava_next", "llava_onevision")
+_MODELS: dict[str, tuple[Any, Any]] = {}
+
+
+def tiny6(family: str) -> tuple[Any, Any]:
+    if family not in _MODELS:
+        _MODELS[family] = testing.tiny_pair(family, num_hidden_layers=6)
+    return _MODELS[family]
+
+
+@pytest.fixture(autouse=True)
+def _stock_models():
+    yield
+    for model, _ in _MODELS.values():
+        pact.api.remove(model)
+        if model.config.get_text_config()._attn_implementation != "sdpa":
+            model.set_attn_implementation("sdpa")
+
+
+def two_samples(family: str) -> Any:
+    _, processor = tiny6(family)
+    samples = [
+        {"question": "What is in the image?", "images": [testing.sample_image(0, size=(96, 64))]},
+        {
+            "question": "Describe the picture in one sentence.",
+            "images": [testing.sample_image(1, size=(64, 120))],
+        },
+    ]
+    return testing.build_inputs(family, processor, samples, padding_side="left")
+
+
+# Threshold configs are calibrated for real checkpoints; the random tiny models' keys are much less
+# similar, so DBSCAN's radius is widened here (CONFIGDOC, "Bundled configs").
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}
+
+
+def tiny_config(name: str) -> Any:
+    return pact.load_config(name, **TINY_OVERRIDES.get(name, {}))
+
+
+def supported(name: str, family: str) -> bool:
+    return not (name == "hired" and family not in HIRED_FAMILIES)
+
+
+def kept_of(model: Any) -> list[list[int]]:
+    st = pact.api.stats(model)
+    if not st.records:
+        return []
+    return [rec.kept.tolist() if rec is not None else [] for rec in st.records[-1]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# every config x every family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_batched_on_eager_and_sdpa(name, family):
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    cfg = tiny_config(name)
+    if not supported(name, family):
+        with torch.no_grad():
+            stock = model(**x).logits
+        with pytest.raises(ValueError, match=f"does not support the '{family}' model family"):
+            pact.api.apply(model, cfg)
+        with torch.no_grad():  # the refused apply left nothing behind
+            assert torch.equal(model(**x).logits, stock)
+        return
+    for attn in ("sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        pact.api.apply(model, cfg)
+        with torch.no_grad():
+            logits = model(**x).logits
+        assert logits.shape[:2] == x["input_ids"].shape and bool(torch.isfinite(logits).all())
+        st = pact.api.stats(model)
+        if not cfg.reduction:
+            assert st.layers == []
+            continue
+        before = testing.patch_token_mask(model, x).sum(1).tolist()
+        assert st.visual_before == before
+        assert all(a <= b for a, b in zip(st.visual_after, before, strict=True))
+        assert sum(st.visual_after) < sum(before), f"{name} did not reduce on {family}/{attn}"
+        pact.api.remove(model)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "no_reduction"])
+def test_config_batch_equals_single_and_generates(name):
+    # one family per config (rotating), to keep the suite fast; the matrix above covers the rest
+    family = [f for f in FAMILIES if supported(name, f)][CONFIGS.index(name) % 3]
+    model, processor = tiny6(family)
+    x = two_samples(family)
+    pact.api.apply(model, tiny_config(name))
+    with torch.no_grad():
+        out = model.generate(**x, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape == (2, x["input_ids"].shape[1] + 2)
+    batched = kept_of(model)
+    single = testing.build_inputs(
+        family,
+        processor,
+        [
+            {
+                "question": "Describe the picture in one sentence.",
+                "images": [testing.sample_image(1, size=(64, 120))],
+            }
+        ],
+    )
+    with torch.no_grad():
+        model(**single)
+    assert kept_of(model)[0] == batched[1], f"{name}: the second sample is reduced differently in a batch"
+
+
+@pytest.mark.parametrize("family", testing.VIDEO_FAMILIES)
+@pytest.mark.parametrize("name", ["pooling", "vispruner", "prumerge", "tome"])
+def test_video_and_image_in_one_batch(name, family):
+    model, processor = tiny6(family)
+    samples = [
+        {"question": "Describe the video.", "videos": [testing.sample_video(0)]},
+        {"question": "What is in the image?", "images": [testing.sample_image(1)]},
+    ]
+    x = testing.build_inputs(family, processor, samples)
+    pact.api.apply(model, tiny_config(name))
+    with torch.no_grad():
+        model.generate(**x, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    st = pact.api.stats(model)
+    assert st.visual_before == testing.patch_token_mask(model, x).sum(1).tolist()
+    assert all(0 < a < b for a, b in zip(st.visual_after, st.visual_before, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# unsupported combinations
+
+
+def test_unsupported_combinations_raise_clear_errors():
+    model, _ = tiny6("qwen2_vl")
+    with pytest.raises(ValueError, match="HiRED splits the budget between a base image and its sub-images"):
+        pact.api.apply(model, pact.load_config("hired"))
+    with pytest.raises(
+        ValueError, match="no reduction method for pruning='vispruner' with clustering='kmeans'"
+    ):
+        pact.api.apply(model, pact.load_config("vispruner", clustering="kmeans"))
+    with pytest.raises(ValueError, match="clustering must be 'none'"):
+        pact.load_config("vtw", clustering="kmeans")
+    with pytest.raises(ValueError, match="layer=9 but the model has only 6 decoder layers"):
+        pact.api.apply(model, pact.load_config("fastv", layer=9))
+    with pytest.raises(ValueError, match="cannot import module"):
+        pact.api.apply(model, pact.load_config("custom_pruning", custom_pruning_fn="no_such_pkg:fn"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# VTW, ToMe and FastV on a model
+
+
+def test_vtw_withdraws_at_the_formula_layer():
+    model, _ = tiny6("llava")
+    x = two_samples("llava")
+    pact.api.apply(
+        model, pact.load_config("vtw")
+    )  # n = 6, L_eq = 4, p = 0.5 -> round(6 * (1 - 0.5 * 2 / 6)) = 5
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    assert st.layers == [5] and st.visual_after == [0, 0]
+
+
+def test_tome_counts_follow_the_schedule_on_a_model():
+    from pact.ops.tome import tome_clamp, tome_schedule
+
+    model, _ = tiny6("llava_next")
+    x = two_samples("llava_next")
+    cfg = pact.load_config("tome", tome_keep_ratio=0.3, tome_equivalent_layer=2)
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    assert st.layers == list(range(6))
+    for b, n in enumerate(st.visual_before):
+        sched = tome_schedule(6, n, 0.3, 2)
+        cur, expected = n, []
+        for i in range(6):
+            cur -= tome_clamp(sched[i], cur)
+            expected.append(cur)
+        got = [len(step[b].kept) for step in st.records]
+        assert got == expected
+        assert float(st.records[-1][b].sizes.sum()) == n  # merged, never dropped
+
+
+@pytest.mark.parametrize("variant", ["reference", "original"])
+def test_fastv_scores_equal_the_models_own_eager_attention(variant):
+    family = "llava_next"
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    layer = 2
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(**x, output_attentions=True).attentions
+    pact.api.apply(model, pact.load_config("fastv", layer=layer, fastv_variant=variant))
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    patches = testing.patch_token_mask(model, x)
+    valid = x["attention_mask"].bool()
+    for b in range(2):
+        vis = torch.nonzero(patches[b]).flatten()
+        if variant == "reference":  # rows of the prefix (valid tokens up to the last visual one)
+            rows = torch.nonzero(valid[b]).flatten()
+            rows = rows[rows <= vis[-1]]
+            naive = attn[layer][b][:, rows][:, :, vis].mean(dim=(0, 1))
+        else:  # the last token's attention at layer L-1
+            naive = attn[layer - 1][b, :, -1, vis].mean(0)
+        torch.testing.assert_close(st.records[0][b].scores, naive, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vision side
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_visual_token_matches_a_captured_encoder_row(family):
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    adapter = pact.models.get_adapter(model)
+    cap = VisionCapture(adapter, {"attn": 0})
+    grabbed = {}
+    cap.attach()
+
+    def grab(module, args, kwargs):
+        grabbed.setdefault("h", args[0] if args else kwargs["hidden_states"])
+
+    handle = adapter.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**x)
+        rows = torch.cat([r["rows"] for r in cap.records])
+    finally:
+        handle.remove()
+        cap.detach()
+    embeds = grabbed["h"][testing.patch_token_mask(model, x)]
+    _, exact = match_rows(embeds, rows)
+    assert bool(exact.all()), f"{family}: {int((~exact).sum())} visual tokens without an exact encoder row"
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl"])
+def test_cls_attention_equals_the_encoders_eager_attention(family):
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    model.set_attn_implementation("eager")
+    core = model.model
+    pact.api.apply(model, pact.load_config("vispruner"))
+    with torch.no_grad():
+        model(**x)
+    ours = torch.cat([rec.scores for rec in pact.api.stats(model).records[0]])
+    pact.api.remove(model)
+    # naive: the tower's own attention weights; each LLM token found by equality among the rows
+    pv = x["pixel_values"]
+    if family == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crop = model.config.vision_config.image_size
+        counts = [
+            image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop) for s in x["image_sizes"]
+        ]
+        pv = torch.cat([p[:c] for p, c in zip(pv, counts, strict=True)])
+    with torch.no_grad():
+        out = core.vision_tower(pv, output_attentions=True, output_hidden_states=True)
+        if family == "internvl":  # last layer; one token = the 2x2 patches of the pixel shuffle
+            cls = out.attentions[-1][:, :, 0, 1:].mean(1)
+            crops, p = cls.shape
+            side = int(p**0.5)
+            cls = core.pixel_shuffle(cls.view(crops, side, side, 1), 0.5).reshape(crops, -1, 4).mean(-1)
+            rows = core.get_image_features(x["pixel_values"]).pooler_output.flatten(0, 1)
+        else:  # layer -2 of the 2-layer tower = layer 0; its output (CLS dropped) feeds the projector
+            cls = out.attentions[0][:, :, 0, 1:].mean(1)
+            rows = core.multi_modal_projector(out.hidden_states[-2][:, 1:]).flatten(0, 1)
+        feats = core.get_image_features(**{k: x[k] for k in ("pixel_values", "image_sizes") if k in x})
+    pooled = feats.pooler_output
+    tokens = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled.flatten(0, 1)
+    flat = cls.reshape(-1)
+    naive = []
+    for t in tokens:  # a plain loop over the tokens; newline rows match no row and are skipped
+        hit = torch.nonzero((rows == t).all(-1)).flatten()
+        if hit.numel():
+            naive.append(flat[int(hit[0])])
+    torch.testing.assert_close(ours, torch.stack(naive), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("vispruner", "llava_next"),
+        ("vispruner", "qwen2_vl"),
+        ("hired", "llava_next"),
+        ("hired", "llava"),
+        ("prumerge", "llava"),
+        ("prumerge", "internvl"),
+        ("pooling", "qwen2_5_vl"),
+        ("random", "internvl"),
+        ("pact", "llava_next"),
+        ("dbdpc", "qwen2_vl"),
+        ("euti", "llava_onevision"),
+        ("kmeans", "qwen2_5_vl"),
+        ("fastv", "llava"),
+    ],
+)
+@pytest.mark.parametrize("budget", [{"target_tokens": 10}, {"target_ratio": 0.75}])
+def test_budgets_are_met_on_models(name, family, budget):
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    pact.api.apply(model, pact.load_config(name, **budget))
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    cfg = pact.load_config(name, **budget)
+    from pact.methods.budget import target_count
+
+    for before, after in zip(st.visual_before, st.visual_after, strict=True):
+        target = target_count(cfg, before)
+        if name == "pooling":  # integer strides: the closest reachable count
+            assert abs(after - target) <= max(2, target // 2)
+        elif name in ("pact", "dbdpc"):  # a bisected cutoff: the closest reachable count
+            assert abs(after - target) <= 1
+        else:
+            assert after == target
+
+
+def test_prumerge_plus_adds_uniform_samples_on_a_model():
+    model, _ = tiny6("llava")
+    x = two_samples("llava")
+    counts = {}
+    for plus in (False, True):
+        pact.api.apply(model, pact.load_config("prumerge", prumerge_plus=plus))
+        with torch.no_grad():
+            model(**x)
+        counts[plus] = pact.api.stats(model).visual_after
+    assert all(b > a for a, b in zip(counts[False], counts[True], strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `pact methods` and the documentation
+
+
+def test_pact_methods_lists_every_method(capsys):
+    from pact.methods import REGISTRY
+    from pact.methods.listing import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for pruning, clustering in REGISTRY:
+        assert f"{pruning}+{clustering}" in out
+    assert main(["--family", "qwen2_vl"]) == 0
+    out = capsys.readouterr().out
+    assert "hired+none" not in out and "vispruner+none" in out
+    assert main(["--configs"]) == 0
+    assert "tome" in capsys.readouterr().out
+
+
+def test_configdoc_documents_every_key_used_in_configs():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIGDOC.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, flags=re.M))
+    for path in sorted(Path(CONFIGS_DIR).glob("*.json")):
+        keys = set(json.loads(path.read_text()))
+        missing = keys - documented
+        assert not missing, f"{path.name}: keys not documented in docs/CONFIGDOC.md: {sorted(missing)}"
+    for name in CONFIGS:
+        assert f"`{name}.json`" in doc, f"configs/{name}.json is not described in docs/CONFIGDOC.md"
