@@ -10,15 +10,14 @@ regions were pruned or merged. `--model DIR` does the same with a real local che
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pact.bench_prefill import RssSampler, kv_cache_bytes
 
 DEFAULT_OUT = Path("outputs/demo")
 QUESTION = "Describe this photo in one sentence."
@@ -34,63 +33,6 @@ class RunResult:
     peak_bytes: int
     peak_kind: str
     kv_cache_bytes: int
-
-
-# ----------------------------------------------------------------------------------------------
-# memory measurement
-
-
-class _RssSampler:
-    """Peak resident-set growth of this process while a block runs (CPU only).
-
-    torch has no allocator statistics on CPU, so we sample /proc/self/statm from a thread (torch
-    kernels release the GIL) and call glibc's malloc_trim first so memory freed by an earlier run
-    is returned to the OS instead of silently absorbing this run's allocations.
-    """
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = 4096
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss_pages() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1])
-
-    def __enter__(self) -> _RssSampler:
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.base = self._rss_pages()
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss_pages())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss_pages())
-
-    @property
-    def growth_bytes(self) -> int:
-        return (self.peak - self.base) * self.page
-
-
-def _kv_cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,12 +101,12 @@ def measure_prefill(model, inputs, device: str, repeats: int, label: str) -> Run
             times.append(time.perf_counter() - t0)
             peak, kind = torch.cuda.max_memory_allocated(), "CUDA max allocated"
         else:
-            with _RssSampler() as rss:
+            with RssSampler() as rss:
                 t0 = time.perf_counter()
                 out = model(**inputs, use_cache=True, logits_to_keep=1)
                 times.append(time.perf_counter() - t0)
             peak, kind = max(peak, rss.growth_bytes), "peak RSS growth"
-        kv = _kv_cache_bytes(out.past_key_values)
+        kv = kv_cache_bytes(out.past_key_values)
         del out
     from pact.api import engine_of
 

@@ -1,0 +1,317 @@
+"""`pact bench`: benchmarks (timings live here, never in tests).
+
+    python -m pact.bench ops                      # DBDPC against the matmul floor, N = 1000 .. 16384
+    python -m pact.bench ops --sizes 1000,4000 --repeats 1 --json out.json
+    python -m pact.bench prefill ...              # see `pact bench prefill --help`
+    python -m pact.bench methods ...              # see `pact bench methods --help`
+    python -m pact.bench clustering ...           # see `pact bench clustering --help`
+
+`ops` times one float32 `x @ x.T` (the N x N matmul every DBDPC implementation must do, the floor)
+and `pact.ops.dbdpc` on the same N x D float32 points, for two kinds of data: "blobs" (many small
+clusters of different tightness on the unit sphere, like visual-token keys: clusters, chains and
+singletons at the default cutoff 0.21) and "random" (isotropic Gaussian: every point is its own
+cluster). It also reports the peak extra resident memory of the DBDPC call and, for N up to
+--reference-max, the time of a re-implementation of the reference's algorithm (report §2.6.2: N x N
+temporaries rebuilt on every round, one host synchronisation per point in the sequential tail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pact.ops.dbdpc import dbdpc, normalize_rows
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def make_points(kind: str, n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(n, dim) float32 benchmark points. kind: "blobs" or "random" (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(n, dim, generator=g)
+    if kind != "blobs":
+        raise ValueError(f"kind must be 'blobs' or 'random', got {kind!r}")
+    k = max(1, n // 8)
+    directions = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
+    which = torch.randint(0, k, (n,), generator=g)
+    # Within a blob of noise scale s the pairwise cosine distance is about dim*s^2 / (1 + dim*s^2):
+    # scales spread around the cutoff give tight clusters, loose ones and chains.
+    scale = torch.empty(k).uniform_(0.2, 1.2, generator=g) * math.sqrt(0.2 / dim)
+    return directions[which] + scale[which, None] * torch.randn(n, dim, generator=g)
+
+
+# -------------------------------------------------------------------------------- measurements
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int | None:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory above the starting point while fn() runs (Linux: VmHWM after a reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    fn()
+    peak = _rss_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) * 1024
+
+
+def reference_style_dbdpc(
+    x: torch.Tensor, cutoff: float, dn: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's DBDPC as described in report §2.6.2-2.6.3, in float32, for timing only.
+
+    Every round rebuilds the sub-problem's N x N matrices (distances, rank comparison, inf-filled
+    copy); when a round finds fewer than 10 centers the rest is scanned with one host
+    synchronisation per candidate.
+    """
+    xn = normalize_rows(x)
+    dist = (1.0 - xn @ xn.T).clamp_(min=0.0)
+    dist.fill_diagonal_(0.0)
+    rho = torch.exp(-((dist / dn) ** 2)).sum(1)
+    rank = rho.argsort(stable=True).argsort()  # 0 = lowest density
+    undecided = torch.arange(x.shape[0])
+    centers: list[int] = []
+    while undecided.numel():
+        sub = dist[undecided][:, undecided]
+        r = rank[undecided]
+        not_denser = r[None, :] <= r[:, None]  # includes the point itself
+        delta = sub.masked_fill(not_denser, math.inf).min(1).values
+        delta[r == r.max()] = math.inf
+        new = delta > cutoff
+        if not bool(new.any()):
+            break
+        centers += undecided[new].tolist()
+        near = (sub[new] <= cutoff).any(0)
+        if int(new.sum()) < 10:
+            cand = undecided[delta <= cutoff]
+            cand = cand[torch.argsort(rho[cand], descending=True)]
+            if centers:
+                cand = cand[(dist[cand][:, centers] > cutoff).all(1)]
+            taken = torch.zeros(cand.numel(), dtype=torch.bool)
+            for i in range(cand.numel()):
+                if bool(taken[i]):  # one host synchronisation per candidate, as in the reference
+                    continue
+                centers.append(int(cand[i]))
+                taken |= dist[cand[i], cand] <= cutoff
+            break
+        undecided = undecided[~(near | new)]
+    center_idx = torch.tensor(sorted(set(centers)), dtype=torch.long)
+    labels = center_idx[dist[:, center_idx].argmin(1)]
+    return center_idx, labels
+
+
+def bench_ops(
+    sizes: tuple[int, ...] = (1000, 4000, 8000, 16384),
+    dim: int = 512,
+    repeats: int = 3,
+    *,
+    cutoff: float = 0.21,
+    kinds: tuple[str, ...] = ("blobs", "random"),
+    reference_max: int = 4000,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time DBDPC against one float32 x @ x.T for every size and kind of data.
+
+    Returns one dict per (size, kind): n, dim, data, clusters, matmul_s, dbdpc_s (medians of
+    `repeats` after one warm-up), ratio = dbdpc_s / matmul_s, peak_extra_mib (measured, None where
+    /proc is unavailable), analytic_mib (the distance matrix plus per-chunk buffers) and
+    reference_s (reference-style algorithm, one run, only for n <= reference_max, else None).
+    """
+    rows = []
+    for n in sizes:
+        for kind in kinds:
+            x = make_points(kind, n, dim)
+            centers, _ = dbdpc(x, cutoff)  # warm-up (allocator, thread pool)
+            matmul_s = _median_seconds(lambda x=x: x @ x.T, repeats)
+            dbdpc_s = _median_seconds(lambda x=x: dbdpc(x, cutoff), repeats)
+            peak = peak_extra_bytes(lambda x=x: dbdpc(x, cutoff))
+            reference_s = None
+            if n <= reference_max:
+                reference_s = _median_seconds(lambda x=x: reference_style_dbdpc(x, cutoff), 1)
+            row = {
+                "n": n,
+                "dim": dim,
+                "data": kind,
+                "clusters": int(centers.numel()),
+                "matmul_s": matmul_s,
+                "dbdpc_s": dbdpc_s,
+                "ratio": dbdpc_s / matmul_s,
+                "peak_extra_mib": None if peak is None else peak / 2**20,
+                # distance matrix + normalised copy + 1 MiB element-wise scratch + <= 128 center rows
+                "analytic_mib": (4 * n * n + 4 * n * dim + 2**20 + 4 * 128 * n) / 2**20,
+                "reference_s": reference_s,
+            }
+            rows.append(row)
+            if log:
+                log(_format_row(row))
+    return rows
+
+
+def _format_row(r: dict[str, Any]) -> str:
+    ref = f"{r['reference_s']:8.3f}" if r["reference_s"] is not None else "       -"
+    peak = f"{r['peak_extra_mib']:9.0f}" if r["peak_extra_mib"] is not None else "        -"
+    return (
+        f"{r['n']:6d} {r['data']:>7s} {r['clusters']:8d} {r['matmul_s']:9.3f} {r['dbdpc_s']:9.3f} "
+        f"{r['ratio']:6.2f} {peak} {r['analytic_mib']:9.0f} {ref}"
+    )
+
+
+HEADER = (
+    "     N    data clusters  x@x.T s  dbdpc s  ratio peak MiB  calc MiB  ref. s\n"
+    "------ ------- -------- -------- -------- ------ -------- --------- -------"
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, torch version and threads, date, load average."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = None
+    with contextlib.suppress(OSError):
+        load = [round(v, 2) for v in os.getloadavg()]
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": load,
+    }
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _run_ops(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(
+        f"pact bench ops: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} "
+        f"({info['torch_threads']} threads), {info['date']}, load {info['load_average']}"
+    )
+    print(f"D = {args.dim}, float32, cutoff {args.cutoff}, median of {args.repeats}")
+    print(HEADER)
+    rows = bench_ops(
+        args.sizes,
+        args.dim,
+        args.repeats,
+        cutoff=args.cutoff,
+        kinds=tuple(args.data.split(",")),
+        reference_max=args.reference_max,
+        log=lambda line: print(line, flush=True),
+    )
+    if args.json:
+        info["load_average_after"] = machine_info()["load_average"]
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = {
+            "benchmark": "ops",
+            "command": "pact bench ops " + " ".join(args.argv),
+            "machine": info,
+            "rows": rows,
+        }
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
+
+
+def _delegate(module_name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]:
+    """(add_arguments, runner) of a benchmark that lives in its own module (imported lazily)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+
+    def runner(args: argparse.Namespace) -> int:
+        return module.finish(args, module.run(args))
+
+    return module.add_arguments, runner
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pact bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{ops,prefill,methods,clustering}")
+    ops = sub.add_parser("ops", help="DBDPC against one float32 x @ x.T (the matmul floor)")
+    ops.add_argument("--sizes", type=_int_list, default=(1000, 4000, 8000, 16384), help="comma-separated N")
+    ops.add_argument("--dim", type=int, default=512, help="point dimension D (default 512)")
+    ops.add_argument("--repeats", type=int, default=3, help="timed repetitions (median; default 3)")
+    ops.add_argument("--cutoff", type=float, default=0.21, help="DBDPC cutoff (default 0.21)")
+    ops.add_argument("--data", default="blobs,random", help="data kinds: blobs,random")
+    ops.add_argument(
+        "--reference-max",
+        type=int,
+        default=4000,
+        help="also time the reference-style algorithm up to this N (default 4000)",
+    )
+    ops.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ops.add_argument("--json", help="write the rows and machine info to this JSON file")
+    ops.set_defaults(run=_run_ops)
+    # The other benchmarks own their options; only import the one that is asked for.
+    for name, module, help_ in (
+        ("prefill", "pact.bench_prefill", "prefill speed-up on a random VLM"),
+        ("methods", "pact.bench_methods", "every method at one budget"),
+        ("clustering", "pact.bench_clustering", "clustering baselines (ours, scikit-learn) vs N"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        if argv[:1] == [name]:
+            add_arguments, runner = _delegate(module)
+            add_arguments(p)
+            p.set_defaults(run=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv[1:]
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
