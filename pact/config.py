@@ -174,6 +174,10 @@ class PactConfig:
     """Spatial pooling window (pooling clustering)."""
     prumerge_plus: bool = False
     """PruMerge+: add spatially uniform samples to PruMerge's outlier tokens (clustering="prumerge")."""
+    sdpa_fast_path: bool = True
+    """On attn_implementation="sdpa", fold the log(size) key bias into one extra query/key column and
+    keep SDPA's causal kernel (same outputs, much faster than an explicit float mask on CPU); False
+    passes the explicit causal+padding+bias 4-D mask instead."""
     custom_pruning_fn: str | None = None
     """"pkg.module:function" scoring hook for pruning="custom" (None: pact.custom.custom_pruning)."""
     custom_reduction_fn: str | None = None
@@ -349,6 +353,7 @@ _RULES: dict[str, _Rule] = {
     "tome_equivalent_layer": _at_least(0),
     "pooling_stride": _at_least(1),
     "prumerge_plus": _BOOL,
+    "sdpa_fast_path": _BOOL,
     "custom_pruning_fn": _HOOK,
     "custom_reduction_fn": _HOOK,
     # run / reporting

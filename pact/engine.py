@@ -8,7 +8,7 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
     text model (pre)      capture the rotary position ids (A, B, T) of the prefill
     layer i (pre)         i == a reduction layer: ask the method, per sample, for a Reduction, then
                           build the reduced, left-padded batch; i >= L: feed the layer the reduced
-                          hidden states, gathered cos/sin and our 4-D float mask; cached steps:
+                          hidden states, gathered cos/sin, key bias (sdpa) or 4-D mask; cached steps:
                           the mask over the layer's own cache length (key bias of the reduced
                           prefix, 0 for later tokens)
     text model (post)     prefill: scatter the last hidden state back to the input length
@@ -16,9 +16,14 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
-- Layers >= L always get an explicit mask (causal + padding -inf + log(size) per key when
-  proportional attention is on), built by ``pact.ops.attention.build_attention_mask``; eager and
-  sdpa both add it to the logits. FlashAttention gets a 2-D padding mask (no bias possible).
+- Layers >= L see the key bias (padding -inf + log(size) per key when proportional attention is
+  on). On sdpa (default) it travels as the keyword ``pact_key_bias`` to the attention function
+  registered as ``pact.attention_backend.PACT_SDPA`` (the text config is switched to it at install,
+  back at remove), which folds it into one extra q/k column and keeps SDPA's ``is_causal`` kernels;
+  an explicit 4-D float mask would cost the causal fast path (~3x per layer on CPU). Eager, and
+  sdpa after ``Engine.set_fast_sdpa(False)`` (or for a cached step), get an explicit mask
+  (causal + bias) from ``pact.ops.attention.build_attention_mask``. FlashAttention gets a 2-D
+  padding mask (no bias possible).
 - Cached steps keep the unreduced timeline: generate's position ids (and the stock ones, which
   read layer 0's cache length) continue from the unreduced prompt length. When layer 0 itself is
   reduced the engine supplies the position ids the stock model would have computed, and the mask
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pact import attention_backend
 from pact.methods.base import Method, Signals
 from pact.models.base import ModelAdapter
 from pact.ops.attention import build_attention_mask
@@ -164,7 +170,7 @@ class Layout:
     positions: torch.Tensor
     key_bias: torch.Tensor
     orig_to_slot: torch.Tensor
-    mask: torch.Tensor | None = None  # what layers >= L receive as attention_mask in this prefill
+    mask: torch.Tensor | None = None  # what layers >= L receive as attention_mask (None: fast path)
 
 
 @dataclass
@@ -172,6 +178,7 @@ class CallState:
     """Everything about the current prefill and its cached continuation (replaced every prefill)."""
 
     active: bool = False  # a reduction runs in this prefill / applies to its cached steps
+    fast: bool = False  # layers >= L get the key bias as ``pact_key_bias`` (causal SDPA), no mask
     prefill: bool = True  # the current forward call is the prefill
     batch: int = 0
     length: int = 0  # T, the prefill's input length
@@ -213,6 +220,10 @@ class Engine:
         impl = adapter.attn_implementation
         self.flash = impl.startswith("flash_attention")
         self.proportional = bool(getattr(config, "proportional_attention", True)) and not self.flash
+        # sdpa: carry the key bias in an extra q/k column instead of a 4-D mask (keeps is_causal).
+        fast_ok = impl in ("sdpa", attention_backend.PACT_SDPA)
+        self.fast_sdpa = fast_ok and bool(getattr(config, "sdpa_fast_path", True))
+        self._switched: list[Any] = []  # configs switched to PACT_SDPA by install
         self.handles: list[Any] = []
         self.state = CallState()
         self._last_stats = ReductionStats()
@@ -229,6 +240,8 @@ class Engine:
                 self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             if self.method is not None:
                 self.handles.extend(self.method.install(self.model, a))
+                if self.fast_sdpa:
+                    self._switched = attention_backend.switch_to_fast(a)
         except BaseException:
             # e.g. the method refuses this model family: leave the model exactly as it was
             self.remove()
@@ -238,7 +251,22 @@ class Engine:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        attention_backend.switch_back(self._switched)
+        self._switched = []
         self.state = CallState()
+
+    def set_fast_sdpa(self, enabled: bool) -> None:
+        """Switch the sdpa fast path (key bias in an extra q/k column, causal kernels) on or off;
+        off: layers >= L get the explicit 4-D float mask, as on eager. No-op on other backends."""
+        if enabled and not self._switched and self.handles and self.method is not None:
+            impl = self.adapter.attn_implementation
+            if impl in ("sdpa", attention_backend.PACT_SDPA):
+                self.fast_sdpa = True
+                self._switched = attention_backend.switch_to_fast(self.adapter)
+        elif not enabled:
+            self.fast_sdpa = False
+            attention_backend.switch_back(self._switched)
+            self._switched = []
 
     # --- stats --------------------------------------------------------------------------------
 
@@ -331,6 +359,8 @@ class Engine:
                 f"got {type(cache).__name__}"
             )
         st.active = True
+        # Checked per call: another model sharing this config may have switched it back.
+        st.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
         st.candidates = cand
         st.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
         st.inputs["input_ids"] = input_ids
@@ -350,10 +380,11 @@ class Engine:
             st.positions = pos
         elif self.first_layer == 0:
             # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache length.
-            # A 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given.
-            kwargs["attention_mask"] = self._decode_mask(
-                0, kwargs.get("past_key_values"), kwargs["inputs_embeds"]
-            )
+            # A 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given; the layer
+            # hooks then set each layer's own attention inputs.
+            kwargs["attention_mask"] = self._decode_inputs(
+                0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
+            )[0]
         return args, kwargs
 
     def _text_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -387,13 +418,18 @@ class Engine:
                 lay = st.layout
                 kwargs["position_embeddings"] = (lay.cos, lay.sin)
                 kwargs["attention_mask"] = lay.mask
+                if st.fast:
+                    kwargs["pact_key_bias"] = self._bias(lay.key_bias, lay.slot_orig >= 0)
                 kwargs["position_ids"] = None
                 st.layer_bias[i] = lay.key_bias
                 st.layer_valid[i] = lay.slot_orig >= 0
                 return args, kwargs
             if i >= self.first_layer:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                kwargs["attention_mask"] = self._decode_mask(i, kwargs.get("past_key_values"), hidden)
+                mask, bias = self._decode_inputs(i, kwargs.get("past_key_values"), hidden)
+                kwargs["attention_mask"] = mask
+                if bias is not None:
+                    kwargs["pact_key_bias"] = bias
                 if self.flash:
                     kwargs["position_ids"] = None
             return args, kwargs
@@ -402,15 +438,24 @@ class Engine:
 
     # --- masks --------------------------------------------------------------------------------
 
+    def _bias(self, key_bias: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """(B, K) float32 bias added to every logit on a key: log(size) (proportional attention) or
+        0, -inf for padding keys."""
+        bias = key_bias if self.proportional else torch.where(key_valid, 0.0, float("-inf"))
+        return bias.float()
+
     def _mask(self, key_bias: torch.Tensor, key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> Any:
         """The attention_mask of a layer >= L: 4-D float (eager/sdpa) or 2-D bool padding (flash)."""
         if self.flash:
             return None if bool(key_valid.all()) else key_valid
-        bias = key_bias if self.proportional else torch.where(key_valid, 0.0, float("-inf"))
-        return build_attention_mask(bias.float(), q_len, dtype)
+        return build_attention_mask(self._bias(key_bias, key_valid), q_len, dtype)
 
-    def _decode_mask(self, i: int, cache: Any, hidden: torch.Tensor) -> Any:
-        """Mask of layer i for a cached step: the layer's reduced prefix, then every later token."""
+    def _decode_inputs(
+        self, i: int, cache: Any, hidden: torch.Tensor, allow_fast: bool = True
+    ) -> tuple[Any, torch.Tensor | None]:
+        """(attention_mask, pact_key_bias) of layer i for a cached step: the layer's reduced prefix,
+        then every later token. Fast path (as many queries as keys): (None, bias); otherwise
+        (mask, None)."""
         st = self.state
         q = int(hidden.shape[1])
         past = int(cache.get_seq_length(i)) if cache is not None else 0
@@ -424,7 +469,13 @@ class Engine:
             new_valid = torch.ones(st.batch, n_new, dtype=torch.bool, device=prefix_valid.device)
         bias = torch.cat([prefix_bias, torch.where(new_valid, 0.0, float("-inf"))], dim=1)
         valid = torch.cat([prefix_valid, new_valid], dim=1)
-        return self._mask(bias, valid, q, hidden.dtype)
+        # A decode step (q == 1) keeps the explicit (B, 1, 1, K) mask: without a causal part it costs
+        # SDPA nothing, while the extra-column trick would copy the layer's whole K/V cache every
+        # step. SDPA's is_causal aligns top-left, so 1 < q < K needs the mask too; only q == K
+        # (queries and keys of one chunk) takes the fast path.
+        if allow_fast and st.fast and q == bias.shape[1]:
+            return None, self._bias(bias, valid)
+        return self._mask(bias, valid, q, hidden.dtype), None
 
     # --- the reduction step -------------------------------------------------------------------
 
@@ -651,7 +702,8 @@ class Engine:
             key_bias=key_bias,
             orig_to_slot=old_to_new.gather(1, lay.orig_to_slot),
         )
-        new.mask = self._mask(key_bias, slot_ok, R_new, lay.cos.dtype if not self.flash else torch.bool)
+        if not self.state.fast:
+            new.mask = self._mask(key_bias, slot_ok, R_new, lay.cos.dtype if not self.flash else torch.bool)
         return new
 
 
@@ -672,6 +724,8 @@ def check_attention_backend(adapter: ModelAdapter, config: Any, method: Method |
     if method is None or not getattr(config, "reduction", True):
         return
     impl = adapter.attn_implementation
+    if impl == attention_backend.PACT_SDPA:  # pact is applied already (apply replaces it)
+        impl = "sdpa"
     if impl.startswith("flash_attention"):
         if getattr(config, "proportional_attention", True) and method.needs_merge:
             raise ValueError(

@@ -77,6 +77,7 @@ PACT_DEFAULTS: dict[str, Any] = {
     "tome_equivalent_layer": 4,
     "pooling_stride": 2,
     "prumerge_plus": False,
+    "sdpa_fast_path": True,
     "custom_pruning_fn": None,
     "custom_reduction_fn": None,
     "log_output_path": None,

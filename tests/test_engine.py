@@ -283,6 +283,7 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
         return hook
 
     apply_pairs(model, drop_every=0)
+    pact.api.engine_of(model).set_fast_sdpa(False)  # this test reads the explicit-mask path
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         greedy(model, x, n=2)
@@ -314,6 +315,7 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
     # without proportional attention: no log(size) anywhere
     masks.clear()
     apply_pairs(model, drop_every=0, proportional_attention=False)
+    pact.api.engine_of(model).set_fast_sdpa(False)
     handles = [layers[L].register_forward_pre_hook(grab(L), with_kwargs=True)]
     try:
         with torch.no_grad():
@@ -355,3 +357,68 @@ def test_proportional_attention_equals_duplicated_keys(attn):
     # and the bias matters: without it the tail differs
     out_plain = run(merged, pos_merged, [1.0] * merged.shape[1])
     assert not torch.allclose(out_full[0, -4:], out_plain[0, -4:], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_sdpa_fast_path_is_used_and_equals_mask_path(family):
+    """On sdpa, layers >= L get no 4-D mask but the key bias (causal SDPA with the bias in an extra
+    q/k column); logits of a left-padded batch with merges (sizes 2) and of its decode steps equal
+    the explicit-mask path's; remove() restores the stock attention implementation."""
+    from pact.attention_backend import PACT_SDPA
+
+    model, _ = model_for(family, "sdpa")
+    x = inputs_for(family, two_samples(family))
+    assert not x["attention_mask"].all()  # left padding present
+    layers = model.model.language_model.layers
+    seen: list[tuple[int, object, object]] = []
+
+    def grab(i):
+        def hook(mod, args, kwargs):
+            seen.append((i, kwargs.get("attention_mask"), kwargs.get("pact_key_bias")))
+
+        return hook
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(
+                **x,
+                max_new_tokens=3,
+                min_new_tokens=3,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            prefill = model(**x).logits
+        return prefill, torch.stack(out.logits, 1), out.sequences
+
+    apply_pairs(model)
+    text_cfg = model.config.get_text_config()
+    assert text_cfg._attn_implementation == PACT_SDPA
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        fast = run()
+    finally:
+        for h in handles:
+            h.remove()
+    assert (pact.api.stats(model).records[0][0].sizes > 1).any()
+    n = len(layers)
+    # generate: prefill + 2 decode steps; then one more prefill (model(**x))
+    assert len(seen) == 4 * n
+    prefill, decode = seen[:n] + seen[3 * n :], seen[n : 3 * n]
+    assert all(m is None and b is not None and b.dim() == 2 for i, m, b in prefill if i >= L)
+    assert all(b is None for i, _, b in prefill if i < L)
+    # decode steps keep the cheap (B, 1, 1, K) mask (no causal part; no K/V copy)
+    assert decode and all(b is None and (i < L or m.dim() == 4) for i, m, b in decode)
+
+    pact.api.engine_of(model).set_fast_sdpa(False)
+    assert text_cfg._attn_implementation == "sdpa"
+    slow = run()
+    valid = x["attention_mask"].bool()
+    assert torch.allclose(fast[0][valid], slow[0][valid], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fast[1], slow[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[2], slow[2])
+
+    pact.api.engine_of(model).set_fast_sdpa(True)
+    assert text_cfg._attn_implementation == PACT_SDPA
+    pact.remove(model)
+    assert text_cfg._attn_implementation == "sdpa"

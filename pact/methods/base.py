@@ -100,9 +100,16 @@ class Signals:
     def _qk(self, layer: int, rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, rope)
         if key not in self._cache:
+            # One projection gives both the plain and the rotated pair (RoPE is elementwise and cheap
+            # next to the projections), and methods often ask for both (e.g. PACT: plain q/k for
+            # EUTI, rotated keys for clustering): cache both.
             hidden = self.hidden if layer == self.layer else self.layer_input(layer)
-            q, k, qr, kr = self._qk_fn(layer, hidden, rope, True, True)
-            self._cache[key] = (qr, kr) if rope else (q, k)
+            q, k, qr, kr = self._qk_fn(layer, hidden, True, True, True)
+            self._cache[(layer, False)] = (q, k)
+            if qr is not None and kr is not None:
+                self._cache[(layer, True)] = (qr, kr)
+            elif rope:
+                raise RuntimeError(f"no rotary tables for layer {layer}: cannot give rotated queries/keys")
         return self._cache[key]
 
     def queries(self, rope: bool = False) -> torch.Tensor:
