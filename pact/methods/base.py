@@ -16,6 +16,7 @@ file registers its pairs at import; ``pact.methods.__init__`` imports every meth
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -131,7 +132,7 @@ class Signals:
         return self._layer_input_fn(layer)
 
 
-class Method:
+class Method(ABC):
     """Base class of reduction methods.
 
     Override ``reduce``; override ``layers`` for progressive methods (default: ``[cfg.layer]``, or
@@ -166,16 +167,17 @@ class Method:
         hook handles; ``pact.remove`` removes them."""
         return []
 
-    def prepare(self, model: Any, adapter: Any, inputs: dict[str, Any], context: dict[str, Any]) -> None:
+    def prepare(self, model: Any, adapter: Any, inputs: dict[str, Any], context: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Called at the start of every prefill with visual tokens (``inputs``: the call's keyword
         arguments; in ``generate`` images arrive pre-encoded as ``mm_encoder_outputs``). Fill
         ``context`` with per-call data (it is visible as ``Signals.context``)."""
 
-    def finish(self, context: dict[str, Any]) -> None:
+    def finish(self, context: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Called when the prefill's decoder pass is over (remove what ``prepare`` attached)."""
 
+    @abstractmethod
     def reduce(self, signals: Signals) -> Reduction:
-        raise NotImplementedError
+        """The reduction of one sample at one layer (every method implements it)."""
 
 
 REGISTRY: dict[tuple[str, str], Callable[[Any], Method]] = {}

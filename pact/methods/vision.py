@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ SUBSTITUTE_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
 # Probes: what differs between vision encoders
 
 
-class _Probe:
+class _Probe(ABC):
     """Family-specific access to the vision encoder: its layers, q/k of a layer, the output rows."""
 
     has_cls = True
@@ -74,11 +75,13 @@ class _Probe:
         self.vlm = adapter.vlm
         self.config = adapter.model.config
 
+    @abstractmethod
     def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The encoder's transformer layers."""
 
+    @abstractmethod
     def attention(self, layer: int) -> nn.Module:
-        raise NotImplementedError
+        """The self-attention module of encoder layer ``layer``."""
 
     def select_layer(self) -> int:
         """Index of the encoder layer whose output feeds the projector."""
