@@ -8,7 +8,7 @@ attributes directly (it asks its ``Signals``).
     class EutiPruning(Method):
         def reduce(self, s: Signals) -> Reduction:
             scores = my_scores(s.hidden, s.queries(), s.keys(), s.visual_mask)
-            ...
+            return reduction_from_keep(keep_topk(scores, self.config.keep_ratio), s.num_visual)
 
 Selection: ``build_method(cfg)`` looks ``(cfg.pruning, cfg.clustering)`` up in ``REGISTRY`` (a method
 file registers its pairs at import; ``pact.methods.__init__`` imports every method file).
