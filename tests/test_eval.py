@@ -224,6 +224,45 @@ def test_generate_until_batched_equals_one_by_one(tiny_qwen):
     assert 0 < doc["summary"]["reduction_ratio"] < 1
 
 
+def test_multi_round_follows_doc_to_text_and_reduces_every_round(tiny_qwen):
+    """lmms-eval's multi-round protocol: round 0 answers the context, later rounds come from
+    doc_to_text (which sees the earlier answers) until it signals the end; each round is a reduced
+    prefill and equals a plain generate_until of the same context and visuals."""
+    from lmms_eval.api.instance import Instance
+
+    lm = _wrapper(tiny_qwen, layer=2, batch_size=1)
+    docs = lm.task_dict["t"]["test"]
+    seen: list[tuple[int, list[str]]] = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        seen.append((round_idx, list(previous_output)))
+        context = f"Earlier you said: {previous_output[-1]!r}. Say more."
+        info = {"rounds": round_idx}
+        return doc_to_visual(doc), context, round_idx >= 2, previous_output, info
+
+    gen = {"max_new_tokens": 4, "do_sample": False, "until": ["\n\n"]}
+    req = Instance(
+        request_type="generate_until_multi_round",
+        arguments=(docs[0]["question"], gen, doc_to_visual, doc_to_text, 0, "t", "test"),
+        idx=0,
+        metadata={"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    (answers,) = lm.generate_until_multi_round([req])
+    assert len(answers) == 2 and [r for r, _ in seen] == [1, 2]
+    assert seen[0][1] == [answers[0]] and seen[1][1] == list(answers)
+    second = f"Earlier you said: {answers[0]!r}. Say more."
+    follow_up = Instance(
+        request_type="generate_until",
+        arguments=(second, gen, doc_to_visual, 0, "t", "test"),
+        idx=0,
+        metadata={"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    plain = lm.generate_until([*_requests("generate_until", docs[:1], [gen]), follow_up])
+    assert tuple(plain) == answers
+    rounds = [s for s in lm.recorder.samples if s.kind == "generate_until_multi_round"]
+    assert len(rounds) == 2 and all(s.visual_after < s.visual_before for s in rounds)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl"])
 def test_every_family_generates_and_scores_under_reduction(family, tmp_path):
     """Each registered model: generation and log-likelihoods at batch size 2 equal batch size 1,

@@ -56,7 +56,7 @@ class SampleRecord:
 
     task: str
     doc_id: Any
-    kind: str  # "generate_until" | "loglikelihood"
+    kind: str  # "generate_until" | "generate_until_multi_round" | "loglikelihood"
     visual_before: int
     visual_after: int
     layer_mean_visual: float  # mean over decoder layers of the visual tokens present in the prefill
@@ -179,7 +179,7 @@ def summarize(
     total_before, total_after = sum(before), sum(after)
     lm = sum(s.layer_mean_visual for s in real)
     layer_mean_ratio = 0.0 if total_before == 0 else 1.0 - lm / total_before
-    gen = [b for b in batches if b.kind == "generate_until"]
+    gen = [b for b in batches if b.kind.startswith("generate_until")]  # multi-round too
     decode_s = sum(b.decode_s for b in gen)
     decode_tokens = sum(b.decode_tokens for b in gen)
     e2e_total = sum(b.e2e_s for b in batches)

@@ -492,7 +492,11 @@ class PactHFModel(lmms):
         args = request.args
         doc_to_visual, doc_id, task, split = args[2], args[3], args[4], args[5]
         doc = self.task_dict[task][split][doc_id]
-        images, videos = split_visuals(doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual)
+        return self._split(doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual, task)
+
+    def _split(self, visuals: Any, task: str) -> tuple[list[Image.Image], list[Any]]:
+        """A task's visuals -> (images, videos as frame lists)."""
+        images, videos = split_visuals(visuals)
         if videos and not self.accepts_video:
             raise ValueError(f"pact_{self.family}: this model family does not accept videos (task {task})")
         return images, [as_frames(v, self.frames) for v in videos]
@@ -643,44 +647,93 @@ class PactHFModel(lmms):
         results: list[str | None] = [None] * len(requests)
         gen_kwargs = [r.args[1] if isinstance(r.args[1], dict) else {} for r in requests]
         lengths = [len(r.args[0]) for r in requests]
-        stop_ids = self._stop_token_ids()
         for group in group_by_kwargs(gen_kwargs, lengths):
             kwargs, until = self._generation_kwargs(gen_kwargs[group[0]])
             for chunk in batches(group, self.batch_size):
                 reqs = [requests[i] for i in chunk]
                 t0 = time.perf_counter()
                 visuals = [self._visuals(r) for r in reqs]
-                inputs = self._encode_requests(reqs, visuals).to(self.input_device)
-                preprocess_s = time.perf_counter() - t0
-                self._start_call()
-                t1 = time.perf_counter()
-                out = self._model.generate(**inputs, **kwargs)
-                call_s = time.perf_counter() - t1
-                timing = self._stop_call()
-                new = out[:, inputs["input_ids"].shape[1] :]
-                lengths_new = [_first_stop(row, stop_ids) for row in new]
-                generated = sum(lengths_new)
-                self._record(
-                    "generate_until",
-                    reqs,
-                    inputs,
-                    preprocess_s,
-                    call_s,
-                    timing,
-                    generated,
-                    sum(max(n - 1, 0) for n in lengths_new),
+                answers = self._generate(
+                    "generate_until", reqs, [r.args[0] for r in reqs], visuals, kwargs, until, t0
                 )
-                texts = self._tokenizer.batch_decode(
-                    [row[:n] for row, n in zip(new, lengths_new, strict=True)], skip_special_tokens=True
-                )
-                for i, req, text in zip(chunk, reqs, texts, strict=True):
-                    answer = cut_at_stop(text, until).strip()
+                for i, req, answer in zip(chunk, reqs, answers, strict=True):
                     results[i] = answer
                     self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs[i]), answer)
         return [r if r is not None else "" for r in results]
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(f"pact_{self.family} does not implement multi-round generation")
+    def _generate(
+        self,
+        kind: str,
+        reqs: Sequence[Instance],
+        contexts: Sequence[str],
+        visuals: Sequence[tuple[list, list]],
+        kwargs: dict[str, Any],
+        until: list[str],
+        t0: float,
+    ) -> list[str]:
+        """One batched ``generate`` call: per request its context and (images, videos); returns the
+        answers cut at the stop strings. ``t0``: when preprocessing of this batch started."""
+        prompts = [self._prompt(c, len(im), len(vi)) for c, (im, vi) in zip(contexts, visuals, strict=True)]
+        inputs = self._encode(prompts, [v[0] for v in visuals], [v[1] for v in visuals]).to(self.input_device)
+        preprocess_s = time.perf_counter() - t0
+        self._start_call()
+        t1 = time.perf_counter()
+        out = self._model.generate(**inputs, **kwargs)
+        call_s = time.perf_counter() - t1
+        timing = self._stop_call()
+        new = out[:, inputs["input_ids"].shape[1] :]
+        stop_ids = self._stop_token_ids()
+        lengths_new = [_first_stop(row, stop_ids) for row in new]
+        self._record(
+            kind,
+            reqs,
+            inputs,
+            preprocess_s,
+            call_s,
+            timing,
+            sum(lengths_new),
+            sum(max(n - 1, 0) for n in lengths_new),
+        )
+        texts = self._tokenizer.batch_decode(
+            [row[:n] for row, n in zip(new, lengths_new, strict=True)], skip_special_tokens=True
+        )
+        return [cut_at_stop(text, until).strip() for text in texts]
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[tuple[str, ...]]:
+        """Multi-round generation, lmms-eval's protocol: round 0 answers the request's context; from
+        round 1 on, the task's ``doc_to_text(doc, previous_output=, round_idx=, previous_round_info=)``
+        returns ``(visuals, context, terminal, round_outputs, round_info)`` and the loop ends at
+        ``terminal``. Each request yields the tuple of its rounds' answers. One request at a time:
+        rounds depend on earlier answers, and every round is a fresh prefill (reduced anew)."""
+        results: list[tuple[str, ...]] = []
+        for req in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
+            kwargs, until = self._generation_kwargs(gen_kwargs if isinstance(gen_kwargs, dict) else {})
+            doc = self.task_dict[task][split][doc_id]
+            t0 = time.perf_counter()
+            visuals = self._split(doc_to_visual(doc), task)
+            outputs: list[str] = []
+            info: Any = None
+            round_idx = 0
+            while True:
+                if round_idx > 0:
+                    raw, context, terminal, outputs, info = doc_to_text(
+                        doc, previous_output=list(outputs), round_idx=round_idx, previous_round_info=info
+                    )
+                    outputs = list(outputs)
+                    if terminal:
+                        break
+                    t0 = time.perf_counter()
+                    visuals = self._split(raw or [], task)
+                outputs.append(
+                    self._generate(
+                        "generate_until_multi_round", [req], [context], [visuals], kwargs, until, t0
+                    )[0]
+                )
+                round_idx += 1
+            results.append(tuple(outputs))
+            self.cache_hook.add_partial("generate_until_multi_round", (req.args[0], gen_kwargs), outputs)
+        return results
 
     # --- loglikelihood -------------------------------------------------------------------------------
 
