@@ -22,7 +22,6 @@ larger sizes and listed as such, so the benchmark stays within minutes on two CP
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -252,14 +251,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    from pact.bench_prefill import json_safe
+    from pact.bench_prefill import write_json
 
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         print(f"wrote {plot_time_vs_n(result, args.plot)}")
     return 0

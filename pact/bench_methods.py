@@ -20,10 +20,8 @@ PACT/DBDPC at the calibrated fixed cutoff, the cost a deployment with a tuned cu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -258,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(bp.json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {bp.write_json(result, args.json)}")
     return 0
 
 

@@ -1166,6 +1166,14 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a benchmark result as strict JSON (non-finite floats become null); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="pact bench prefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1181,10 +1189,7 @@ def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
     """Print the report and write the JSON / plot the arguments ask for."""
     print(format_report(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         print(f"wrote {plot_speedup(result, args.plot)}")
     return 0
