@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,9 +289,8 @@ def test_every_family_generates_and_scores_under_reduction(family, tmp_path):
 
 
 def test_videos_from_files_and_frame_lists(tiny_qwen, tmp_path):
-    """A video file (decoded with decord, ``frames`` sampled) and a list of frames in one batch."""
-    av = pytest.importorskip("av")
-    pytest.importorskip("decord")
+    """A video file (decoded with PyAV, ``frames`` sampled) and a list of frames in one batch."""
+    import av
     from lmms_eval.api.instance import Instance
 
     from pact.testing import sample_video
@@ -312,6 +312,26 @@ def test_videos_from_files_and_frame_lists(tiny_qwen, tmp_path):
     # 4 frames of 48 x 64 pixels: 2 temporal patches x 4 merged 28-pixel tokens each.
     assert [s.visual_before for s in lm.recorder.samples] == [8, 8]
     assert all(s.visual_after < s.visual_before for s in lm.recorder.samples)
+
+
+def test_load_video_samples_frames_uniformly(tmp_path):
+    """Frames are sampled uniformly over the file (first and last included) and decoded as RGB."""
+    import av
+
+    from pact.eval.models import load_video
+
+    clip = tmp_path / "ramp.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for level in range(0, 250, 25):  # 10 frames, frame i has grey level 25 * i
+            frame = np.full((32, 32, 3), level, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    video = load_video(str(clip), 4)  # frames 0, 3, 6, 9
+    assert video.shape == (4, 32, 32, 3) and video.dtype == np.uint8
+    assert np.abs(video.reshape(4, -1).mean(1) - [0, 75, 150, 225]).max() < 6
+    assert load_video(str(clip), 50).shape[0] == 10  # never more frames than the file has
 
 
 def test_bad_model_args_name_the_key(tiny_qwen):

@@ -168,15 +168,30 @@ def split_visuals(visuals: Any) -> tuple[list[Image.Image], list[Any]]:
 
 
 def load_video(path: str, frames: int) -> np.ndarray:
-    """``frames`` frames sampled uniformly from a video file: uint8 (T, H, W, 3)."""
-    import decord
+    """``frames`` frames sampled uniformly from a video file: uint8 (T, H, W, 3).
 
-    reader = decord.VideoReader(path, ctx=decord.cpu(0))
-    n = len(reader)
-    if n == 0:
-        raise ValueError(f"video {path} has no frames")
-    idx = np.unique(np.linspace(0, n - 1, min(frames, n)).round().astype(int))
-    return reader.get_batch(idx.tolist()).asnumpy()
+    Decoded with PyAV (lmms-eval's own video dependency), one frame at a time: only the sampled
+    frames are converted and kept, so a long video never sits in memory whole.
+    """
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        n = int(stream.frames or 0)
+        if n <= 0:  # the container does not say: count the packets (no decoding)
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        if n == 0:
+            raise ValueError(f"video {path} has no frames")
+        wanted = set(np.unique(np.linspace(0, n - 1, min(frames, n)).round().astype(int)).tolist())
+        kept = [
+            frame.to_ndarray(format="rgb24")
+            for i, frame in enumerate(container.decode(stream))
+            if i in wanted
+        ]
+    if not kept:
+        raise ValueError(f"video {path}: no frame could be decoded")
+    return np.stack(kept)
 
 
 def as_frames(video: Any, frames: int) -> np.ndarray:
