@@ -25,7 +25,9 @@ LOCK = ROOT / "requirements.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 PROJECT = "pact"
 EXTRAS = ("dev", "eval")  # what `make lock` resolves and `make test` installs
-LOCKED_PLATFORM = sys.version_info[:2] == (3, 11) and platform.system() == "Linux" and platform.machine() == "x86_64"
+LOCKED_PLATFORM = (
+    sys.version_info[:2] == (3, 11) and platform.system() == "Linux" and platform.machine() == "x86_64"
+)
 
 
 def parse_lock(text: str) -> dict[str, str]:
@@ -155,7 +157,5 @@ def test_installed_environment_is_the_lock():
 
 
 def test_pip_check_is_clean():
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
