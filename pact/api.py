@@ -46,6 +46,7 @@ def apply(model: nn.Module, config: Any = None, *, method: Any = None, **overrid
     elif method is None:
         method = build_method(cfg)
     if method is not None:
+        adapter.check_supported()  # structure the adapter cannot model: refuse, never compute wrong q/k
         method.layers(len(adapter.layers))  # validates the layer index early
         if cfg.position_mode == "renumber":
             raise ValueError(

@@ -772,3 +772,68 @@ def save_tiny(family: str, path: str | Path, **model_kwargs: Any) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a decoder layer's attention really receives (the q/k contract of the adapters)
+
+_CAPTURE_IMPL = "pact_capture_qk"
+
+
+def attention_qk(
+    model: Any, inputs: Mapping[str, Any], layer_index: int, adapter: Any = None
+) -> dict[str, torch.Tensor]:
+    """Run one forward of ``model`` on ``inputs`` (no reduction) and return what decoder layer
+    ``layer_index`` received and what its attention function was given:
+
+        hidden: (B, T, D) hidden states entering the layer (before its input norm);
+        cos, sin: (B, T, head_dim) the rotary tables passed to the layer;
+        queries: (B, H, T, d), keys: (B, H_kv, T, d) exactly as the attention function received
+            them (after q/k norms and RoPE).
+
+    The attention function is a stock SDPA call under a test-only implementation name that records
+    its arguments; the model's configs are switched back afterwards (the model is not changed).
+    This is the ground truth that ``ModelAdapter.queries_keys`` must reproduce. ``adapter``: the
+    adapter to find the layers with (default: ``pact.models.get_adapter(model)``).
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    from pact import attention_backend
+    from pact.models import get_adapter
+
+    adapter = adapter if adapter is not None else get_adapter(model)
+    layer = adapter.layers[layer_index]
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if module is layer.self_attn:
+            seen["queries"], seen["keys"] = query.detach().clone(), key.detach().clone()
+        return sdpa_attention_forward(module, query, key, *args, **kwargs)
+
+    def grab_inputs(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]  # (1 or B, T, d): 1-D RoPE shares one table
+        B = hidden.shape[0]
+        seen["hidden"] = hidden.detach().clone()
+        seen["cos"], seen["sin"] = cos.detach().expand(B, -1, -1), sin.detach().expand(B, -1, -1)
+
+    AttentionInterface.register(_CAPTURE_IMPL, capture)
+    if _CAPTURE_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(_CAPTURE_IMPL, sdpa_mask)
+    configs = attention_backend.attention_configs(adapter)
+    before = [cfg._attn_implementation for cfg in configs]
+    handle = layer.register_forward_pre_hook(grab_inputs, with_kwargs=True)
+    try:
+        for cfg in configs:
+            cfg._attn_implementation = {"": _CAPTURE_IMPL}
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+        for cfg, impl in zip(configs, before, strict=True):
+            cfg._attn_implementation = {"": impl}
+    if "queries" not in seen:
+        raise RuntimeError(f"decoder layer {layer_index}'s attention was not called through the interface")
+    return seen

@@ -65,11 +65,7 @@ def test_decoder_layer_call_signature_is_pinned(family):
         handle.remove()
     expected = LAYER_CALL_KWARGS | EXTRA_CALL_KWARGS.get(family, set())
     assert calls and all(c == (1, expected) for c in calls), calls
-    # the queries/keys the engine computes are the layer's own: compare with the attention's k_proj
-    h = torch.randn(5, model.config.get_text_config().hidden_size)
-    q, k, _, _ = adapter.queries_keys(layer, h, None, None, True, True)
-    ref_k = layer.self_attn.k_proj(layer.input_layernorm(h))
-    assert torch.equal(k.reshape(5, -1), ref_k) and q.shape[1] == adapter.num_heads(layer)
+    # (that the adapter's queries/keys are the attention's own is tests/test_qk_contract.py)
 
 
 def test_unsupported_model_class_is_rejected():

@@ -19,6 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+KNOWN_ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
+"""Sub-modules of a decoder layer's attention that ``ModelAdapter.queries_keys`` models: the
+projections and the optional per-head q/k norms. Any other sub-module (an extra projection, a
+gate ...) makes ``check_supported`` refuse the model instead of computing wrong queries/keys."""
+
 
 class ModelAdapter:
     """Family-specific answers about one model instance.
@@ -80,9 +85,6 @@ class ModelAdapter:
     def num_heads(self, layer: nn.Module) -> int:
         return int(layer.self_attn.q_proj.out_features) // self.head_dim(layer)
 
-    def num_kv_heads(self, layer: nn.Module) -> int:
-        return int(layer.self_attn.k_proj.out_features) // self.head_dim(layer)
-
     def queries_keys(
         self,
         layer: nn.Module,
@@ -106,6 +108,12 @@ class ModelAdapter:
         attn = layer.self_attn
         q = attn.q_proj(x).view(1, x.shape[1], -1, d) if want_queries else None
         k = attn.k_proj(x).view(1, x.shape[1], -1, d) if want_keys else None
+        # Per-head q/k norms (Qwen3, Gemma 3, ...) act on (..., heads, d) before RoPE.
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if q is not None and q_norm is not None:
+            q = q_norm(q)
+        if k is not None and k_norm is not None:
+            k = k_norm(k)
         q_rope = k_rope = None
         if cos is not None and sin is not None:
             rope = self.apply_rotary_fn(layer)
@@ -125,6 +133,36 @@ class ModelAdapter:
             q_rope,
             k_rope,
         )
+
+    def check_supported(self) -> None:
+        """Raise ValueError when this model has structure the engine or ``queries_keys`` does not
+        model (an attention module with unknown sub-modules, a layer without the expected norm and
+        projections). Families override ``unsupported_reason`` to declare what they cannot handle."""
+        reason = self.unsupported_reason()
+        if reason:
+            raise ValueError(f"pact cannot reduce tokens in this {type(self.model).__name__}: {reason}")
+        for i, layer in enumerate(self.layers):
+            attn = getattr(layer, "self_attn", None)
+            missing = [n for n in ("input_layernorm", "self_attn") if not hasattr(layer, n)]
+            missing += [
+                f"self_attn.{n}" for n in ("q_proj", "k_proj") if attn is not None and not hasattr(attn, n)
+            ]
+            if missing:
+                raise ValueError(
+                    f"decoder layer {i} ({type(layer).__name__}) has no {', '.join(missing)}; "
+                    f"the {self.family} adapter cannot recompute its queries and keys"
+                )
+            unknown = sorted({name for name, _ in attn.named_children()} - KNOWN_ATTENTION_CHILDREN)
+            if unknown:
+                raise ValueError(
+                    f"decoder layer {i}'s attention ({type(attn).__name__}) has sub-modules "
+                    f"{', '.join(unknown)} that the {self.family} adapter does not model "
+                    f"(known: {', '.join(sorted(KNOWN_ATTENTION_CHILDREN))}); its queries/keys would be wrong"
+                )
+
+    def unsupported_reason(self) -> str | None:
+        """Why this model instance cannot be reduced (None: it can). Override per family."""
+        return None
 
     def apply_rotary_fn(self, layer: nn.Module) -> Any:
         """The ``apply_rotary_pos_emb(q, k, cos, sin)`` the layer's attention module calls."""
