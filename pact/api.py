@@ -47,11 +47,6 @@ def apply(model: nn.Module, config: Any = None, *, method: Any = None, **overrid
         method = build_method(cfg)
     if method is not None:
         method.layers(len(adapter.layers))  # validates the layer index early
-        if cfg.position_mode == "renumber":
-            raise ValueError(
-                "position_mode='renumber' is not supported by the engine yet; "
-                "use 'center' (default) or 'mean'"
-            )
     check_attention_backend(adapter, cfg, method)
     remove(model)
     engine = Engine(model, adapter, cfg, method)
