@@ -395,6 +395,10 @@ def test_reduction_validate_checks_order_and_extra(change, message):
         Reduction(**base, **change).validate(5, 8)
 
 
-def test_renumber_is_accepted():
+def test_renumber_is_accepted_and_vision_side_configs_default_to_it():
     model, _ = model_for("llava")
     pact.api.apply(model, pact.load_config(None, layer=1, position_mode="renumber"))
+    for name in ("vispruner", "prumerge", "hired"):
+        assert pact.load_config(name).position_mode == "renumber", name
+    for name in ("pact", "dbdpc", "fastv", "tome", "random", "pooling"):
+        assert pact.load_config(name).position_mode == "center", name
