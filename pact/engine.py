@@ -38,6 +38,7 @@ Why the parts look as they do:
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,9 +196,11 @@ class CallState:
     mask2d: torch.Tensor | None = None  # 2-D attention mask of the current call (all seen tokens)
     positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
     call_start: int = 0  # cached step: tokens of the unreduced timeline seen before this call
-    # position_mode="renumber" (1-D RoPE), cached step: cos/sin of the renumbered positions, fed to
-    # layers >= L (layers < L keep the stock ones: their cache holds the unreduced prompt)
-    decode_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # position_mode="renumber" (1-D RoPE), cached step: the step's stock position ids (1, B, q) and,
+    # per reduction step k, the cos/sin of the renumbered ones fed to layers between reduction k and
+    # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
+    decode_positions: torch.Tensor | None = None
+    decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     first_position: torch.Tensor | None = None  # (B,) stock position of each sample's first token
     inputs: dict[str, Any] = field(default_factory=dict)
     layout: Layout | None = None
@@ -340,7 +343,8 @@ class Engine:
         q = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
         start = st.seen
         st.call_start = start
-        st.decode_rope = None
+        st.decode_positions = None
+        st.decode_rope = {}
         st.seen += q
         st.mask2d = mask2d
         if st.active and self.first_layer == 0 and kwargs.get("position_ids") is None:
@@ -410,23 +414,27 @@ class Engine:
                     0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
                 )[0]
             if self.renumber and st.layout is not None:
-                st.decode_rope = self._renumbered_decode_rope(kwargs)
+                # generate's (B, q) position ids, or the stock default on the unreduced timeline
+                embeds = kwargs["inputs_embeds"]
+                pos = self.adapter.normalize_positions(kwargs.get("position_ids"), st.batch)
+                if pos is None:
+                    q = int(embeds.shape[1])
+                    pos = self.adapter.decode_position_ids(st.call_start, q, st.batch, embeds.device)[None]
+                st.decode_positions = pos.to(embeds.device)
         return args, kwargs
 
-    def _renumbered_decode_rope(self, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, q, head_dim) of a cached step's tokens for layers >= L under renumber: the
-        stock position ids of the step (unreduced timeline) minus, per sample, the number of tokens
-        the reduction removed (net of new tokens), so decoding continues right after the renumbered
-        prompt. The cached call's (B, q) position ids come from generate, or are the stock default."""
+    def _renumbered_decode_rope(self, i: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, q, head_dim) of a cached step's tokens in layer i >= L under renumber: the
+        step's stock position ids (unreduced timeline) minus, per sample, the tokens the reductions
+        up to layer i removed (net of new tokens), so decoding continues right after the prompt as
+        layer i saw it renumbered. Computed once per reduction step and shared by its layers."""
         st = self.state
-        embeds = kwargs["inputs_embeds"]
-        q = int(embeds.shape[1])
-        pos = self.adapter.normalize_positions(kwargs.get("position_ids"), st.batch)
-        if pos is None:
-            pos = self.adapter.decode_position_ids(st.call_start, q, st.batch, embeds.device)[None]
-        removed = st.valid.sum(1) - (st.layout.slot_orig >= 0).sum(1)  # (B,) >= 0 unless new tokens
-        pos = pos.to(embeds.device) - removed.to(embeds.device).view(1, -1, 1)
-        return self.adapter.rotary(embeds, pos)
+        step = bisect.bisect_right(self.reduce_layers, i)
+        if step not in st.decode_rope:
+            removed = st.valid.sum(1) - st.layer_valid[i].sum(1)  # (B,)
+            pos = st.decode_positions - removed.to(hidden.device).view(1, -1, 1)
+            st.decode_rope[step] = self.adapter.rotary(hidden, pos)
+        return st.decode_rope[step]
 
     def _text_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.state
@@ -471,8 +479,8 @@ class Engine:
                 kwargs["attention_mask"] = mask
                 if bias is not None:
                     kwargs["pact_key_bias"] = bias
-                if st.decode_rope is not None:
-                    kwargs["position_embeddings"] = st.decode_rope
+                if st.decode_positions is not None:
+                    kwargs["position_embeddings"] = self._renumbered_decode_rope(i, hidden)
                 if self.flash:
                     kwargs["position_ids"] = None
             return args, kwargs

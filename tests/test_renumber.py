@@ -402,3 +402,29 @@ def test_renumber_is_accepted_and_vision_side_configs_default_to_it():
         assert pact.load_config(name).position_mode == "renumber", name
     for name in ("pact", "dbdpc", "fastv", "tome", "random", "pooling"):
         assert pact.load_config(name).position_mode == "center", name
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_vl"])
+def test_renumber_progressive_reductions(family, attn):
+    """A reduction before every layer from 1 on (tokens reversed and one new token each time): each
+    reduced layer decodes from its own reduced length (cached == uncached), batch == single, and
+    the composed records stay consistent (a kept token's size = the original tokens mapped to it)."""
+    model, _ = model_for(family, attn)
+    samples = two_samples(family)
+    c = pact.load_config(
+        None, layer=1, progressive=True, pruning="none", clustering="none", position_mode="renumber"
+    )
+    pact.api.apply(model, c, method=ReorderExtra(c, merge=True))
+    x = inputs_for(family, samples)
+    cached = greedy(model, x, n=4)
+    st = pact.api.stats(model)
+    assert st.layers == [1, 2, 3]
+    for b, rec in enumerate(st.records[-1]):
+        members = torch.bincount(rec.labels[rec.labels >= 0], minlength=len(rec.kept))
+        assert torch.equal(members.float(), rec.sizes)
+        assert rec.labels.ge(0).all()  # merges only: every original token is represented
+        assert st.visual_after[b] == len(rec.kept) + 3  # one new token per step
+    assert torch.equal(cached, greedy(model, x, n=4, use_cache=False))
+    for b, s in enumerate(samples):
+        assert torch.equal(cached[b], greedy(model, inputs_for(family, [s]), n=4)[0]), f"sample {b}"
