@@ -5,7 +5,8 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
 
     VLM  (pre-hook)       every call: prefill (empty/absent cache) or cached step; at prefill reset
                           the call state and find the visual patch tokens from input_ids
-    text model (pre)      capture the rotary position ids (A, B, T) of the prefill
+    text model (pre)      capture the rotary position ids (A, B, T) of the prefill (renumber: of
+                          each cached step too)
     layer i (pre)         i == a reduction layer: ask the method, per sample, for a Reduction, then
                           build the reduced, left-padded batch; i >= L: feed the layer the reduced
                           hidden states, gathered cos/sin, key bias (sdpa) or 4-D mask; cached steps:
@@ -16,6 +17,13 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
+  A Reduction may reorder the kept visual tokens within their slots (``order``) and insert new
+  tokens after them (``extra``); each sample's new order is one ``_SamplePlan``.
+- position_mode="renumber" on 1-D RoPE: layers >= L get contiguous positions over each sample's
+  reduced sequence (cos/sin recomputed with the model's rotary module) and, in cached steps, the
+  stock position ids minus the tokens removed up to that layer, so decoding continues from the
+  reduced length there while layers < L (whole prompt in their cache) keep the stock ones. On
+  M-RoPE it keeps the (t, h, w) ids, as the Qwen ports of vision-side methods do (= center).
 - Layers >= L see the key bias (padding -inf + log(size) per key when proportional attention is
   on). On sdpa (default) it travels as the keyword ``pact_key_bias`` to the attention function
   registered as ``pact.attention_backend.PACT_SDPA`` (the text config is switched to it at install,
@@ -24,8 +32,8 @@ Why the parts look as they do:
   sdpa after ``Engine.set_fast_sdpa(False)`` (or for a cached step), get an explicit mask
   (causal + bias) from ``pact.ops.attention.build_attention_mask``. FlashAttention gets a 2-D
   padding mask (no bias possible).
-- Cached steps keep the unreduced timeline: generate's position ids (and the stock ones, which
-  read layer 0's cache length) continue from the unreduced prompt length. When layer 0 itself is
+- Otherwise cached steps keep the unreduced timeline: generate's position ids (and the stock ones,
+  which read layer 0's cache length) continue from the unreduced prompt length. When layer 0 itself is
   reduced the engine supplies the position ids the stock model would have computed, and the mask
   of every layer, so nothing depends on layer 0's cache length.
 - The logits keep the input's sequence length: after the last layer the engine scatters hidden
