@@ -200,6 +200,9 @@ def test_renumber_cached_equals_uncached(family, attn, layer):
 def test_renumber_batch_equals_single(family, attn, layer):
     model, _ = model_for(family, attn)
     samples = [*two_samples(family), {"question": "Is there a red circle on the left? Answer yes or no."}]
+    if family == "llava_onevision":  # a two-image sample too (one crop per image)
+        images = [testing.sample_image(2), testing.sample_image(3, size=(80, 80))]
+        samples.append({"question": "Compare the two images.", "images": images})
     apply_method(model, layer=layer, merge=True)
     x = inputs_for(family, samples)
     assert not x["attention_mask"].all()  # left padding present
@@ -208,9 +211,10 @@ def test_renumber_batch_equals_single(family, attn, layer):
         assert torch.equal(batch[b], greedy(model, inputs_for(family, [s]), n=4)[0]), f"sample {b}"
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_renumber_text_only_after_image_is_stock(family):
-    model, _ = model_for(family)
+def test_renumber_text_only_after_image_is_stock(family, attn):
+    model, _ = model_for(family, attn)
     text = inputs_for(family, [{"question": "What color is the sky?"}])
     with torch.no_grad():
         stock = model(**text).logits
@@ -223,9 +227,10 @@ def test_renumber_text_only_after_image_is_stock(family):
 
 
 @pytest.mark.parametrize("layer", [0, L])
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_renumber_logits_keep_input_length_and_stats_count_new_tokens(family, layer):
-    model, _ = model_for(family)
+def test_renumber_logits_keep_input_length_and_stats_count_new_tokens(family, attn, layer):
+    model, _ = model_for(family, attn)
     x = inputs_for(family, two_samples(family))
     apply_method(model, layer=layer, n_extra=2)
     with torch.no_grad():
