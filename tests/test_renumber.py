@@ -38,6 +38,7 @@ class ReorderExtra(Method):
         super().__init__(config)
         self.merge, self.reverse, self.n_extra = merge, reverse, n_extra
         self.extras: list[torch.Tensor] = []
+        self.hiddens: list[torch.Tensor | None] = []
 
     def reduce(self, s: Signals) -> Reduction:
         n, dev = s.num_visual, s.hidden.device
@@ -53,6 +54,7 @@ class ReorderExtra(Method):
         else:
             labels = torch.where(idx % 2 == 0, idx // 2, -1)
             sizes, hidden = s.sizes[kept].float(), None
+        self.hiddens.append(hidden)
         order = torch.arange(kept.numel(), device=dev).flip(0) if self.reverse else None
         extra = None
         if self.n_extra:
@@ -90,9 +92,12 @@ def stock_embeds(model, x) -> torch.Tensor:
     return got[0]
 
 
-def shortened(model, x, record, extra: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+def shortened(
+    model, x, record, extra: torch.Tensor, merged: torch.Tensor | None = None
+) -> tuple[list[int], torch.Tensor]:
     """The official construction of a vision-side method for sample 0 of ``x``: pruned visual tokens
-    physically removed, the kept ones in ``record.order``, the new tokens right after them.
+    physically removed, the kept ones in ``record.order`` (with the hidden states ``merged[r]`` of
+    kept token r when given), the new tokens right after them.
 
     Returns (source, embeds): source[r] = original sequence index of row r (-1 for a new token) and
     the (R', D) input embeddings of the short sequence."""
@@ -112,6 +117,9 @@ def shortened(model, x, record, extra: torch.Tensor) -> tuple[list[int], torch.T
                 source.extend([-1] * extra.shape[0])
         elif not visual[t]:
             source.append(t)
+    if merged is not None:
+        embeds = embeds.clone()
+        embeds[torch.tensor(pos)[record.kept]] = merged.to(embeds.dtype)
     rows, e = [], 0
     for t in source:
         if t >= 0:
@@ -433,3 +441,41 @@ def test_renumber_progressive_reductions(family, attn):
     assert torch.equal(cached, greedy(model, x, n=4, use_cache=False))
     for b, s in enumerate(samples):
         assert torch.equal(cached[b], greedy(model, inputs_for(family, [s]), n=4)[0]), f"sample {b}"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_renumber_merged_and_reordered_rows_land_in_their_slots(family):
+    """Merged hidden states (``Reduction.hidden``) follow their token through ``order``: pact at
+    layer 0 without proportional attention equals the stock model on the shortened input built from
+    the merged rows."""
+    model, _ = model_for(family)
+    x = inputs_for(family, [one_image(family)])
+    c = pact.load_config(
+        None,
+        layer=0,
+        pruning="none",
+        clustering="none",
+        position_mode="renumber",
+        proportional_attention=False,
+    )
+    method = ReorderExtra(c, merge=True, n_extra=1)
+    pact.api.apply(model, c, method=method)
+    with torch.no_grad():
+        reduced = model(**x).logits[0]
+    record = pact.api.stats(model).records[0][0]
+    assert (record.sizes == 2).any() and record.order is not None
+    pact.api.remove(model)
+    source, short = shortened(model, x, record, method.extras[-1], merged=method.hiddens[-1])
+    positions = None
+    if family in MROPE:
+        full = mrope_positions(model, x)[:, 0]
+        cols, prev = [], 0
+        for t in source:
+            prev = t if t >= 0 else prev
+            cols.append(prev)
+        positions = full[:, cols][:, None]
+    with torch.no_grad():
+        hidden = get_adapter(model).text_model(inputs_embeds=short[None], position_ids=positions)
+        stock = model.lm_head(hidden.last_hidden_state)[0]
+    rows = [r for r, t in enumerate(source) if t >= 0]
+    torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
