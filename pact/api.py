@@ -48,11 +48,6 @@ def apply(model: nn.Module, config: Any = None, *, method: Any = None, **overrid
     if method is not None:
         adapter.check_supported()  # structure the adapter cannot model: refuse, never compute wrong q/k
         method.layers(len(adapter.layers))  # validates the layer index early
-        if cfg.position_mode == "renumber":
-            raise ValueError(
-                "position_mode='renumber' is not supported by the engine yet; "
-                "use 'center' (default) or 'mean'"
-            )
     check_attention_backend(adapter, cfg, method)
     remove(model)
     engine = Engine(model, adapter, cfg, method)

@@ -151,8 +151,10 @@ class PactConfig:
     proportional_attention: bool = True
     """Add log(cluster size) to merged keys' attention logits in every layer >= L."""
     position_mode: str = "center"
-    """Position of a merged token: its "center"'s, the members' "mean" (per M-RoPE axis), or
-    "renumber" (contiguous positions after reduction)."""
+    """Positions after a reduction: kept tokens keep theirs and a merged token its "center"'s, or
+    the members' "mean" (per M-RoPE axis), or "renumber" (1-D RoPE: contiguous positions over the
+    reduced sequence, decoding from its length; M-RoPE: the kept tokens' (t, h, w) ids, as the Qwen
+    ports of vision-side methods; docs/CONFIGDOC.md, "Positions")."""
     cluster_ratio: float = 1.0
     """Fraction of tokens kept as clusters, in (0, 1]: k-means k, DPC centers, agglomerative
     n_clusters."""

@@ -5,7 +5,8 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
 
     VLM  (pre-hook)       every call: prefill (empty/absent cache) or cached step; at prefill reset
                           the call state and find the visual patch tokens from input_ids
-    text model (pre)      capture the rotary position ids (A, B, T) of the prefill
+    text model (pre)      capture the rotary position ids (A, B, T) of the prefill (renumber: of
+                          each cached step too)
     layer i (pre)         i == a reduction layer: ask the method, per sample, for a Reduction, then
                           build the reduced, left-padded batch; i >= L: feed the layer the reduced
                           hidden states, gathered cos/sin, key bias (sdpa) or 4-D mask; cached steps:
@@ -16,6 +17,13 @@ Nothing is patched or replaced: ``Engine.install`` registers per-instance forwar
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
+  A Reduction may reorder the kept visual tokens within their slots (``order``) and insert new
+  tokens after them (``extra``); each sample's new order is one ``_SamplePlan``.
+- position_mode="renumber" on 1-D RoPE: layers >= L get contiguous positions over each sample's
+  reduced sequence (cos/sin recomputed with the model's rotary module) and, in cached steps, the
+  stock position ids minus the tokens removed up to that layer, so decoding continues from the
+  reduced length there while layers < L (whole prompt in their cache) keep the stock ones. On
+  M-RoPE it keeps the (t, h, w) ids, as the Qwen ports of vision-side methods do (= center).
 - Layers >= L see the key bias (padding -inf + log(size) per key when proportional attention is
   on). On sdpa (default) it travels as the keyword ``pact_key_bias`` to the attention function
   registered as ``pact.attention_backend.PACT_SDPA`` (the text config is switched to it at install,
@@ -24,8 +32,8 @@ Why the parts look as they do:
   sdpa after ``Engine.set_fast_sdpa(False)`` (or for a cached step), get an explicit mask
   (causal + bias) from ``pact.ops.attention.build_attention_mask``. FlashAttention gets a 2-D
   padding mask (no bias possible).
-- Cached steps keep the unreduced timeline: generate's position ids (and the stock ones, which
-  read layer 0's cache length) continue from the unreduced prompt length. When layer 0 itself is
+- Otherwise cached steps keep the unreduced timeline: generate's position ids (and the stock ones,
+  which read layer 0's cache length) continue from the unreduced prompt length. When layer 0 itself is
   reduced the engine supplies the position ids the stock model would have computed, and the mask
   of every layer, so nothing depends on layer 0's cache length.
 - The logits keep the input's sequence length: after the last layer the engine scatters hidden
@@ -38,6 +46,7 @@ Why the parts look as they do:
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +79,10 @@ class ReductionRecord:
             token representing it after this step, -1 if it was pruned and dropped.
         sizes: FloatTensor[R], how many original visual tokens each kept token stands for.
         scores: FloatTensor[N0] importance scores of this step (NaN for tokens already gone), or None.
+        order: LongTensor[R], the order in which the kept tokens were placed in the sequence
+            (``kept[order[0]]`` first), or None for sequence order (``Reduction.order``).
+        extra: number of new tokens the step added after the kept visual tokens (``Reduction.extra``);
+            they represent no original token, so ``labels`` never point to them.
     """
 
     layer: int
@@ -77,6 +90,8 @@ class ReductionRecord:
     labels: torch.Tensor
     sizes: torch.Tensor
     scores: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    extra: int = 0
 
 
 @dataclass
@@ -85,7 +100,8 @@ class ReductionStats:
 
     Attributes:
         visual_before: per sample, visual patch tokens entering the first reduction layer.
-        visual_after: per sample, visual tokens left after the last reduction step.
+        visual_after: per sample, visual tokens left after the last reduction step, new tokens
+            added by a step (``Reduction.extra``, e.g. PruMerge's merged token) included.
         layers: decoder layers where a reduction step ran (empty: no reduction happened).
         seconds_reducing: wall time spent deciding and applying the reduction (all steps).
         records: per step, per sample ``ReductionRecord`` (None for a sample without visual tokens).
@@ -187,6 +203,13 @@ class CallState:
     candidates: torch.Tensor | None = None  # (B, T) bool visual patch tokens
     mask2d: torch.Tensor | None = None  # 2-D attention mask of the current call (all seen tokens)
     positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
+    call_start: int = 0  # cached step: tokens of the unreduced timeline seen before this call
+    # position_mode="renumber" (1-D RoPE), cached step: the step's stock position ids (1, B, q) and,
+    # per reduction step k, the cos/sin of the renumbered ones fed to layers between reduction k and
+    # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
+    decode_positions: torch.Tensor | None = None
+    decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    first_position: torch.Tensor | None = None  # (B,) stock position of each sample's first token
     inputs: dict[str, Any] = field(default_factory=dict)
     layout: Layout | None = None
     layer_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # key bias of each layer's prefix
@@ -223,6 +246,10 @@ class Engine:
         # sdpa: carry the key bias in an extra q/k column instead of a 4-D mask (keeps is_causal).
         fast_ok = impl in ("sdpa", attention_backend.PACT_SDPA)
         self.fast_sdpa = fast_ok and bool(getattr(config, "sdpa_fast_path", True))
+        # position_mode="renumber" changes positions on 1-D RoPE only: on M-RoPE (Qwen2-VL/2.5-VL) the
+        # official Qwen ports of vision-side methods keep each kept token's (t, h, w) ids, which is
+        # what "center" does (DESIGN.md section 3, docs/CONFIGDOC.md).
+        self.renumber = getattr(config, "position_mode", "center") == "renumber" and not adapter.mrope
         self._switched: list[Any] = []  # configs switched to PACT_SDPA by install
         self.handles: list[Any] = []
         self.state = CallState()
@@ -275,10 +302,13 @@ class Engine:
         if st.raw_records is not None and len(st.records) != len(st.raw_records):
             st.records = [[self._to_record(r) for r in step] for step in st.raw_records]
         after = list(st.visual_before)
+        extra = [0] * len(after)
         for step in st.records:  # the last step that saw a sample's visual tokens decides
             for b, rec in enumerate(step):
                 if rec is not None:
                     after[b] = len(rec.kept)
+                    extra[b] += rec.extra  # new tokens are no candidates of later steps: they stay
+        after = [a + e for a, e in zip(after, extra, strict=True)]
         return ReductionStats(
             visual_before=list(st.visual_before),
             visual_after=after,
@@ -291,13 +321,15 @@ class Engine:
     def _to_record(raw: tuple | None) -> ReductionRecord | None:
         if raw is None:
             return None
-        layer, kept, labels, sizes, scores = raw
+        layer, kept, labels, sizes, scores, order, extra = raw
         return ReductionRecord(
             layer=layer,
             kept=kept.detach().cpu(),
             labels=labels.detach().cpu(),
             sizes=sizes.detach().float().cpu(),
             scores=None if scores is None else scores.detach().float().cpu(),
+            order=None if order is None else order.detach().cpu(),
+            extra=extra,
         )
 
     # --- hooks --------------------------------------------------------------------------------
@@ -318,6 +350,9 @@ class Engine:
         st.prefill = False
         q = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
         start = st.seen
+        st.call_start = start
+        st.decode_positions = None
+        st.decode_rope = {}
         st.seen += q
         st.mask2d = mask2d
         if st.active and self.first_layer == 0 and kwargs.get("position_ids") is None:
@@ -378,14 +413,36 @@ class Engine:
                     3 if self.adapter.mrope else 1, st.batch, st.length
                 )
             st.positions = pos
-        elif self.first_layer == 0:
-            # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache length.
-            # A 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given; the layer
-            # hooks then set each layer's own attention inputs.
-            kwargs["attention_mask"] = self._decode_inputs(
-                0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
-            )[0]
+        else:
+            if self.first_layer == 0:
+                # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache
+                # length. A 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given;
+                # the layer hooks then set each layer's own attention inputs.
+                kwargs["attention_mask"] = self._decode_inputs(
+                    0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
+                )[0]
+            if self.renumber and st.layout is not None:
+                # generate's (B, q) position ids, or the stock default on the unreduced timeline
+                embeds = kwargs["inputs_embeds"]
+                pos = self.adapter.normalize_positions(kwargs.get("position_ids"), st.batch)
+                if pos is None:
+                    q = int(embeds.shape[1])
+                    pos = self.adapter.decode_position_ids(st.call_start, q, st.batch, embeds.device)[None]
+                st.decode_positions = pos.to(embeds.device)
         return args, kwargs
+
+    def _renumbered_decode_rope(self, i: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, q, head_dim) of a cached step's tokens in layer i >= L under renumber: the
+        step's stock position ids (unreduced timeline) minus, per sample, the tokens the reductions
+        up to layer i removed (net of new tokens), so decoding continues right after the prompt as
+        layer i saw it renumbered. Computed once per reduction step and shared by its layers."""
+        st = self.state
+        step = bisect.bisect_right(self.reduce_layers, i)
+        if step not in st.decode_rope:
+            removed = st.valid.sum(1) - st.layer_valid[i].sum(1)  # (B,)
+            pos = st.decode_positions - removed.to(hidden.device).view(1, -1, 1)
+            st.decode_rope[step] = self.adapter.rotary(hidden, pos)
+        return st.decode_rope[step]
 
     def _text_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.state
@@ -430,6 +487,8 @@ class Engine:
                 kwargs["attention_mask"] = mask
                 if bias is not None:
                     kwargs["pact_key_bias"] = bias
+                if st.decode_positions is not None:
+                    kwargs["position_embeddings"] = self._renumbered_decode_rope(i, hidden)
                 if self.flash:
                     kwargs["position_ids"] = None
             return args, kwargs
@@ -490,6 +549,9 @@ class Engine:
         cand = st.candidates.to(dev)
         vis_index = torch.where(cand, cand.long().cumsum(1) - 1, -1)
         bias = torch.where(valid, 0.0, float("-inf")).float()
+        # position_mode="renumber": the stock position of each sample's first valid token
+        first_valid = valid.long().argmax(1)
+        st.first_position = st.positions[0].to(dev).gather(1, first_valid[:, None])[:, 0]
         return Layout(
             slot_orig=torch.where(valid, arange[None], -1),
             visual=cand,
@@ -517,7 +579,7 @@ class Engine:
                 "(check the model's dtype and inputs)"
             )
         B, R, _ = hidden.shape
-        per_sample = []  # (keep slots, replacement rows (idx in keep, hidden), sizes of kept slots, old->new)
+        plans: list[_SamplePlan] = []
         step_raw: list[tuple | None] = []
         for b in range(B):
             slots = torch.nonzero(valid_rows[b], as_tuple=False).flatten()  # (n,)
@@ -527,7 +589,8 @@ class Engine:
             keep_flag = ~vis
             sizes_b = lay.sizes[b, slots].clone()
             rep = torch.arange(slots.numel(), device=hidden.device)
-            new_rows = None
+            red = None
+            kept_pos = vis_pos[:0]
             if n_vis == 0:
                 keep_flag = torch.ones_like(vis)
                 step_raw.append(None)
@@ -543,42 +606,36 @@ class Engine:
                 else:  # every visual token removed
                     rep_vis = torch.full_like(labels, -1)
                 rep[vis_pos] = rep_vis
-                if red.hidden is not None:
-                    new_rows = (kept_pos, red.hidden.to(hidden.dtype))
                 orig_vis = lay.visual_index[b, slots[vis_pos]]
                 step_raw.append(self._raw_record(i, b, red, orig_vis, st.visual_before[b]))
                 if self.config.position_mode == "mean" and red.kept.numel():
                     self._mean_positions(b, slots, vis_pos, kept_pos, labels)
-            keep = torch.nonzero(keep_flag, as_tuple=False).flatten()
-            if keep.numel() == 0:
+            if not bool(keep_flag.any()):
                 raise ValueError(
                     f"the reduction at layer {i} removed every token of sample {b}; a prompt needs at least "
                     "one non-visual token (or keep some visual tokens)"
                 )
-            # old valid index -> new index among the kept ones; dropped tokens -> nearest kept before.
-            new_of = keep_flag.long().cumsum(0) - 1
-            target = torch.where(rep >= 0, new_of[rep.clamp(min=0)], new_of).clamp(min=0)
-            per_sample.append((slots, keep, new_rows, sizes_b, target))
-        R_new = max(int(p[1].numel()) for p in per_sample)
+            plans.append(_arrange_sample(slots, keep_flag, rep, sizes_b, vis_pos, kept_pos, red))
+        R_new = max(int(p.source.numel()) for p in plans)
         index = torch.zeros(B, R_new, dtype=torch.long, device=hidden.device)
         slot_ok = torch.zeros(B, R_new, dtype=torch.bool, device=hidden.device)
+        is_new = torch.zeros(B, R_new, dtype=torch.bool, device=hidden.device)
         sizes = torch.ones(B, R_new, dtype=torch.float32, device=hidden.device)
         old_to_new = torch.zeros(B, R, dtype=torch.long, device=hidden.device)
         replace = []
-        for b, (slots, keep, new_rows, sizes_b, target) in enumerate(per_sample):
-            off = R_new - int(keep.numel())
-            index[b, off:] = slots[keep]
+        for b, plan in enumerate(plans):
+            off = R_new - int(plan.source.numel())
+            index[b, off:] = plan.source
             slot_ok[b, off:] = True
-            sizes[b, off:] = sizes_b[keep]
-            old_to_new[b, slots] = target + off
-            if new_rows is not None:
-                kept_pos, rows = new_rows
-                where = torch.searchsorted(keep, kept_pos) + off
-                replace.append((b, where, rows))
+            is_new[b, off:] = plan.is_new
+            sizes[b, off:] = plan.sizes
+            old_to_new[b, plan.slots] = plan.target + off
+            for where, rows in plan.rows:
+                replace.append((b, where + off, rows.to(hidden.dtype)))
         new_hidden = _take(hidden, index) * slot_ok[..., None].to(hidden.dtype)
         for b, where, rows in replace:
             new_hidden[b, where] = rows
-        lay = self._gather_layout(lay, index, slot_ok, sizes, old_to_new)
+        lay = self._gather_layout(lay, index, slot_ok, is_new, sizes, old_to_new, new_hidden)
         st.layout = lay
         st.layers_done.append(i)
         st.raw_records.append(step_raw)
@@ -640,22 +697,29 @@ class Engine:
         return red
 
     def _raw_record(self, i: int, b: int, red: Reduction, orig_vis: torch.Tensor, n0: int) -> tuple:
-        """Step record in original visual indices (kept on device; moved to CPU by ``stats``)."""
+        """Step record in original visual indices (kept on device; moved to CPU by ``stats``).
+
+        ``orig_vis`` (N,): original visual index of each current visual token, in sequence order."""
         st = self.state
-        labels_cur = red.labels.to(orig_vis.device)
+        dev = orig_vis.device
+        labels_cur = red.labels.to(dev)
         prev = st.raw_records[-1][b] if st.raw_records else None
         if prev is None:
-            full = torch.full((n0,), -1, dtype=torch.long, device=orig_vis.device)
+            full = torch.full((n0,), -1, dtype=torch.long, device=dev)
             full[orig_vis] = labels_cur
         else:
-            # The current visual tokens are the previous step's kept ones, in order: compose labels.
-            prev_labels = prev[2]
-            full = torch.where(prev_labels >= 0, labels_cur[prev_labels.clamp(min=0)], -1)
+            # The current visual tokens are the previous step's kept ones (possibly reordered):
+            # original token -> its previous representative (original index) -> current index.
+            prev_kept, prev_labels = prev[1], prev[2]
+            current_of = torch.full((n0,), -1, dtype=torch.long, device=dev)
+            current_of[orig_vis] = torch.arange(orig_vis.numel(), device=dev)
+            rep_orig = prev_kept[prev_labels.clamp(min=0)]
+            full = torch.where(prev_labels >= 0, labels_cur[current_of[rep_orig]], -1)
         scores = None
         if red.scores is not None:
-            scores = torch.full((n0,), float("nan"), device=orig_vis.device)
-            scores[orig_vis] = red.scores.to(orig_vis.device).float()
-        return (i, orig_vis[red.kept], full, red.sizes, scores)
+            scores = torch.full((n0,), float("nan"), device=dev)
+            scores[orig_vis] = red.scores.to(dev).float()
+        return (i, orig_vis[red.kept], full, red.sizes, scores, red.order, red.num_extra)
 
     def _mean_positions(
         self, b: int, slots: torch.Tensor, vis_pos: torch.Tensor, kept_pos: torch.Tensor, labels: torch.Tensor
@@ -684,27 +748,113 @@ class Engine:
         lay: Layout,
         index: torch.Tensor,
         slot_ok: torch.Tensor,
+        is_new: torch.Tensor,
         sizes: torch.Tensor,
         old_to_new: torch.Tensor,
+        new_hidden: torch.Tensor,
     ) -> Layout:
+        """The layout after a step: slot r of sample b holds old slot ``index[b, r]`` (a new token:
+        the slot of the kept token before it, whose position it takes unless renumbered)."""
         R_new = index.shape[1]
         slot_orig = torch.where(slot_ok, lay.slot_orig.gather(1, index), -1)
-        visual = lay.visual.gather(1, index) & slot_ok
+        visual = lay.visual.gather(1, index) & slot_ok & ~is_new
         key_bias = torch.where(slot_ok, sizes.log(), float("-inf")).float()
+        positions = lay.positions.gather(2, index[None].expand(lay.positions.shape[0], -1, -1))
+        cos, sin = _take(lay.cos, index), _take(lay.sin, index)
+        if self.renumber:
+            # Contiguous positions over each sample's reduced sequence, from the position the stock
+            # model gave the sample's first token (0 unless left padding offsets it), as the stock
+            # model numbers a prompt that is that short.
+            first = self.state.first_position.to(index.device)
+            counted = first[:, None] + slot_ok.long().cumsum(1) - 1
+            positions = torch.where(slot_ok, counted, 0)[None]
+            cos, sin = self.adapter.rotary(new_hidden, positions)
         new = Layout(
             slot_orig=slot_orig,
             visual=visual,
             visual_index=torch.where(visual, lay.visual_index.gather(1, index), -1),
             sizes=sizes,
-            cos=_take(lay.cos, index),
-            sin=_take(lay.sin, index),
-            positions=lay.positions.gather(2, index[None].expand(lay.positions.shape[0], -1, -1)),
+            cos=cos,
+            sin=sin,
+            positions=positions,
             key_bias=key_bias,
             orig_to_slot=old_to_new.gather(1, lay.orig_to_slot),
         )
         if not self.state.fast:
             new.mask = self._mask(key_bias, slot_ok, R_new, lay.cos.dtype if not self.flash else torch.bool)
         return new
+
+
+@dataclass
+class _SamplePlan:
+    """Where one sample's tokens go in a reduction step.
+
+    slots: (n,) long, the sample's valid slots in the old layout.
+    source: (n_new,) long, old slot each new position is read from (a new token: the slot of the
+        token right before it, normally the last kept visual token).
+    is_new: (n_new,) bool, positions of new tokens (``Reduction.extra``).
+    sizes: (n_new,) float32, size of each new position (1 for new tokens).
+    target: (n,) long, new position representing each old token (a dropped token: the new position
+        of the nearest kept token before it, the first one if none).
+    rows: (new positions, hidden rows) to write over the gathered hidden states.
+    """
+
+    slots: torch.Tensor
+    source: torch.Tensor
+    is_new: torch.Tensor
+    sizes: torch.Tensor
+    target: torch.Tensor
+    rows: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _arrange_sample(
+    slots: torch.Tensor,
+    keep_flag: torch.Tensor,
+    rep: torch.Tensor,
+    sizes: torch.Tensor,
+    vis_pos: torch.Tensor,
+    kept_pos: torch.Tensor,
+    red: Reduction | None,
+) -> _SamplePlan:
+    """The new order of one sample: kept tokens in sequence order, the kept visual ones permuted by
+    ``red.order`` within the slots they occupy, ``red.extra`` tokens inserted right after the last
+    kept visual token (where the last visual token was when none is kept).
+
+    Args (n = valid old slots; every index below points into them): keep_flag (n,) bool, tokens that
+    stay; rep (n,) representative of each token (-1: dropped); sizes (n,) sizes after the step;
+    vis_pos (N,) current visual tokens; kept_pos (R,) kept visual tokens (increasing); red: the
+    step's Reduction (None: the sample has no visual token).
+    """
+    dev = keep_flag.device
+    n = int(keep_flag.numel())
+    keep = torch.nonzero(keep_flag, as_tuple=False).flatten()  # increasing
+    source = keep.clone()
+    at_kept = torch.searchsorted(keep, kept_pos)  # where the kept visual tokens sit in `keep`
+    if red is not None and red.order is not None and kept_pos.numel():
+        source[at_kept] = kept_pos[red.order.to(dev)]
+    is_new = torch.zeros(source.numel(), dtype=torch.bool, device=dev)
+    n_extra = 0 if red is None else red.num_extra
+    if n_extra:
+        # after the last kept visual token; none kept: where the last visual token was
+        last = at_kept[-1] + 1 if kept_pos.numel() else torch.searchsorted(keep, vis_pos[-1])
+        at = int(last)
+        anchor = source[max(at - 1, 0) : max(at, 1)]  # the token before the new ones (their position)
+        source = torch.cat([source[:at], anchor.expand(n_extra), source[at:]])
+        is_new = torch.cat([is_new[:at], torch.ones(n_extra, dtype=torch.bool, device=dev), is_new[at:]])
+    positions = torch.arange(source.numel(), device=dev)
+    new_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    new_of[source[~is_new]] = positions[~is_new]
+    before = (torch.searchsorted(keep, torch.arange(n, device=dev), right=True) - 1).clamp(min=0)
+    target = torch.where(rep >= 0, new_of[rep.clamp(min=0)], new_of[keep[before]])
+    new_sizes = torch.where(is_new, 1.0, sizes[source])
+    rows = []
+    if red is not None and red.hidden is not None and kept_pos.numel():
+        rows.append((new_of[kept_pos], red.hidden))
+    if n_extra:
+        rows.append((positions[is_new], red.extra))
+    return _SamplePlan(
+        slots=slots, source=slots[source], is_new=is_new, sizes=new_sizes, target=target, rows=rows
+    )
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

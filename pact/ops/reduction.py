@@ -28,6 +28,15 @@ class Reduction:
         labels: LongTensor[N], for each visual token the index into `kept` of the token that
             represents it, or -1 if it was dropped. For kept token r, labels[kept[r]] == r.
         scores: optional FloatTensor[N] importance scores (for plots and debugging).
+        order: optional LongTensor[R], a permutation of range(R): the kept tokens are placed in the
+            sequence in this order (``kept[order[0]]`` first, in the slots the kept visual tokens
+            occupy). None: sequence order. ``kept`` still says WHICH tokens stay (strictly increasing);
+            ``order`` only says where they go (e.g. PruMerge's attention-descending output).
+        extra: optional Tensor[E, D], hidden states of E new tokens placed right after the sample's
+            kept visual tokens (e.g. PruMerge's attention-weighted sum of the pruned tokens). Each has
+            size 1 and represents no original token (``labels`` never point to it). With
+            ``position_mode="renumber"`` they get the next contiguous positions; with center/mean the
+            position of the kept visual token right before them.
     """
 
     kept: torch.Tensor
@@ -35,10 +44,17 @@ class Reduction:
     hidden: torch.Tensor | None
     labels: torch.Tensor
     scores: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
         return int(self.kept.numel())
+
+    @property
+    def num_extra(self) -> int:
+        """E, the number of new tokens (0 without ``extra``)."""
+        return 0 if self.extra is None else int(self.extra.shape[0])
 
     def validate(self, num_visual: int, hidden_dim: int | None = None) -> None:
         """Raise ValueError if the record is inconsistent (a method bug, never silently applied)."""
@@ -66,6 +82,26 @@ class Reduction:
                 )
             if hidden_dim is not None and self.hidden.shape[1] != hidden_dim:
                 raise ValueError(f"Reduction.hidden has width {self.hidden.shape[1]}, model has {hidden_dim}")
+        if self.order is not None:
+            order = self.order
+            if order.shape != kept.shape or order.dtype != torch.long:
+                raise ValueError(
+                    f"Reduction.order must be a LongTensor of shape ({kept.numel()},) (a permutation of "
+                    f"range({kept.numel()})), got {tuple(order.shape)} {order.dtype}"
+                )
+            if order.numel() and not torch.equal(torch.sort(order).values.cpu(), torch.arange(order.numel())):
+                raise ValueError(f"Reduction.order must be a permutation of range({kept.numel()})")
+        if self.extra is not None:
+            extra = self.extra
+            if extra.dim() != 2 or not extra.is_floating_point():
+                raise ValueError(
+                    f"Reduction.extra must be a floating Tensor of shape (E, D), got {tuple(extra.shape)} "
+                    f"{extra.dtype}"
+                )
+            if hidden_dim is not None and extra.shape[1] != hidden_dim:
+                raise ValueError(f"Reduction.extra has width {extra.shape[1]}, model has {hidden_dim}")
+            if not bool(torch.isfinite(extra).all()):
+                raise ValueError("Reduction.extra has non-finite (NaN/inf) values")
 
 
 def identity_reduction(num_visual: int, device: torch.device | str = "cpu") -> Reduction:
