@@ -75,12 +75,12 @@ def custom_token_scores(signals: Signals, fn: Callable[..., Any] | None = None) 
     q, k = signals.queries(rope=rope), signals.keys(rope=rope)
     vis = signals.visual_mask
     n = signals.num_visual
-    if cfg.euti_support == "visual":
-        rows = vis.nonzero().squeeze(1)
-    else:
-        last = int(vis.nonzero().max()) + 1 if n else 0
-        rows = torch.arange(last, device=vis.device)
-    keys, queries = _repeat_heads(k[rows], q.shape[1]), _repeat_heads(q[rows], q.shape[1])
+    last = int(vis.nonzero().max()) + 1 if n else 0
+    prefix = torch.arange(last, device=vis.device)
+    # As the reference: the queries are always the prefix's; the keys (the scored tokens) are the
+    # prefix's (use_all_non_text_pruning=true) or the visual tokens' only (false).
+    rows = vis.nonzero().squeeze(1) if cfg.euti_support == "visual" else prefix
+    keys, queries = _repeat_heads(k[rows], q.shape[1]), _repeat_heads(q[prefix], q.shape[1])
     out = call_hook(
         fn, keys, queries, hidden=signals.hidden[rows], visual_mask=vis[rows], layer=signals.layer
     )
