@@ -25,6 +25,7 @@ from test_methods_logic import fake_signals, naive_fastv_reference
 
 import pact
 import pact.api
+from pact import testing
 from pact.config import REFERENCE_KEYS
 from pact.methods.base import build_method
 
@@ -197,7 +198,6 @@ def test_change_position_ids_is_applied_or_refused():
 
 @covers("log_output_path")
 def test_log_output_path_receives_the_metrics(tmp_path):
-    from pact import testing
     from pact.eval.models import PactQwen2VL
 
     path = testing.save_tiny("qwen2_vl", tmp_path / "qwen2_vl")
@@ -277,6 +277,33 @@ def test_use_all_non_text_pruning_false_restricts_the_softmax_to_visual_keys():
     cu = base.replace(use_custom_pruning=True, use_all_non_text_pruning=False)
     with pytest.raises(ValueError, match="euti_support='prefix'"):
         reduce(cu)  # the shipped example needs queries and keys of the same tokens, as the reference
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_fastv_visual_support_on_the_models_own_attention(family):
+    # The model's eager attention of layer L renormalised over the visual keys a row sees is the
+    # softmax restricted to the visual keys; rows before the first visual token add 0.
+    model, _ = model_for(family, "eager")
+    x = inputs_for(family, [one_image(family)])
+    layer = 2
+    with torch.no_grad():
+        attn = model(**x, output_attentions=True).attentions[layer][0].double()  # (H, T, T)
+    cfg = pact.load_config("fastv", layer=layer, use_all_non_text_pruning=False)
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    scores = pact.api.stats(model).records[0][0].scores
+    vis = torch.nonzero(testing.patch_token_mask(model, x)[0]).flatten()
+    rows = attn[:, : int(vis[-1]) + 1][:, :, vis]  # (H, P, N): causal zeros above the diagonal
+    total = rows.sum(-1, keepdim=True)
+    naive = torch.where(total > 0, rows / total.clamp(min=1e-300), 0.0).mean(dim=(0, 1))
+    torch.testing.assert_close(scores.double(), naive, rtol=1e-4, atol=1e-7)
+    pact.api.remove(model)
+    pact.api.apply(model, cfg.replace(use_all_non_text_pruning=True))
+    with torch.no_grad():
+        model(**x)
+    prefix = pact.api.stats(model).records[0][0].scores
+    assert not torch.allclose(prefix, scores, rtol=1e-3, atol=0)
 
 
 @covers("use_attention_in_token_pruning", "use_mask_in_use_attention_in_token_pruning")
