@@ -512,3 +512,21 @@ def test_no_effect_keys_leave_the_config_unchanged_and_warn_where_it_would_misle
                 assert ref(token_pruning=True, **{key: value}) == base
             expected = warn.get(key) is value
             assert [str(w.message) for w in caught if key in str(w.message)] != [] if expected else not caught
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bundled_custom_configs_reproduce_the_reference_example(family):
+    # custom_clustering.json: windows of 3 over the N visual tokens, merged at start + 1, the N mod 3
+    # trailing tokens dropped; custom_combined.json: the top int(0.7 N) by the example score, then
+    # windows of 2 over those candidates merged at start + 1 (pruned tokens dropped).
+    _, st = run(pact.load_config("custom_clustering", layer=2), family)
+    n = st.visual_before[0]
+    rec = st.records[0][0]
+    assert rec.kept.tolist() == list(range(1, 3 * (n // 3), 3))
+    assert rec.sizes.tolist() == [3.0] * (n // 3) and int((rec.labels < 0).sum()) == n % 3
+    _, st = run(pact.load_config("custom_combined", layer=2), family)
+    rec = st.records[0][0]
+    m = int(n * 0.7)
+    candidates = top(rec.scores, m)
+    assert rec.kept.tolist() == candidates[1 : 2 * (m // 2) : 2]
+    assert rec.sizes.tolist() == [2.0] * (m // 2)
