@@ -525,6 +525,9 @@ def test_custom_reduction_bad_return_is_a_clear_error():
     cfg = cfg_of(clustering="custom", custom_reduction_fn="zoo_hooks:bad_labels")
     with pytest.raises(ValueError, match="1-D integer tensor"):
         build_method(cfg).reduce(fake_signals(cfg))
+    cfg = cfg_of(clustering="custom", custom_reduction_fn="zoo_hooks:reference_style_reduction")
+    with pytest.raises(ValueError, match=r"got a 4-tuple \(a hook written for the reference"):
+        build_method(cfg).reduce(fake_signals(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------

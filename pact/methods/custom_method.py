@@ -155,8 +155,11 @@ class CustomReduction(Method):
             labels[subset] = out.labels
             return Reduction(subset[out.kept], out.sizes, out.hidden, labels, scores)
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+            got = f"a {len(out)}-tuple" if isinstance(out, (tuple, list)) else type(out).__name__
             raise ValueError(
-                "custom token reduction must return (kept, labels), (kept, labels, merged) or a Reduction"
+                "custom token reduction must return (kept, labels), (kept, labels, merged) or a Reduction, "
+                f"got {got} (a hook written for the reference, returning (features, mask, weights, "
+                "position_ids), needs porting: see the contract in pact/custom.py)"
             )
         kept = _as_long(out[0], dev, "kept")
         labels = _as_long(out[1], dev, "labels")
