@@ -26,6 +26,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -553,6 +554,20 @@ _REF_IGNORED = (
     "do_not_upcast_to_full_precision_for_pruning",
     "do_not_consider_non_image_tokens_as_pruned",  # only true is supported
 )
+# No-effect keys whose value asks for a computation the reference did and we do not: a warning
+# says so instead of silently computing something else (value that warns, what we do instead).
+_REF_IGNORED_WARN: dict[str, tuple[bool, str]] = {
+    "avoid_numerical_instability_DBDPC": (
+        False,
+        "DBDPC always orders densities strictly (float32, ties broken by index), as the reference's "
+        "rank transform intends",
+    ),
+    "avoid_numerical_instability_prune": (
+        False,
+        "pruning always keeps exactly int(N * keep_ratio) tokens, ties going to the lower index",
+    ),
+    "do_not_upcast_to_full_precision_for_pruning": (True, "pruning scores are always computed in float32"),
+}
 # Reference defaults where they differ from ours: a reference-form mapping starts from these.
 _REF_DEFAULTS: dict[str, Any] = {
     "reduction": False,
@@ -734,6 +749,14 @@ def _translate(
     for key in _REF_IGNORED:
         if key in mapping:
             _check_bool(key, mapping[key])
+            if key in _REF_IGNORED_WARN and mapping[key] == _REF_IGNORED_WARN[key][0]:
+                value, why = _REF_IGNORED_WARN[key]
+                warnings.warn(
+                    f"config key {key!r}={str(value).lower()} has no effect here: {why} "
+                    "(docs/CONFIGDOC.md, 'Reference keys accepted with no effect here')",
+                    UserWarning,
+                    stacklevel=5,  # the caller of load_config / from_dict / replace
+                )
     if mapping.get("do_not_consider_non_image_tokens_as_pruned") is False:
         raise ValueError(
             "config key 'do_not_consider_non_image_tokens_as_pruned' = false (the reference's experimental "

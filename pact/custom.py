@@ -10,15 +10,17 @@ functions below, or point the config at your own importable functions -- no edit
 Contracts (shapes per sample; pact calls the hooks once per sample and reduction layer):
 
 ``custom_pruning(keys, queries, **context) -> scores``
-    keys:    (1, H, P, d) the layer's keys, KV heads repeated to the H query heads (as the reference's
+    keys:    (1, H, K, d) the layer's keys, KV heads repeated to the H query heads (as the reference's
              ``repeat_kv``); post-RoPE iff ``euti_rope`` (reference: ``use_cosine_in_token_pruning``).
-    queries: (1, H, P, d) the layer's queries, same RoPE choice.
-    P: the prefix -- every token from position 0 to the last visual token -- with
-       ``euti_support="prefix"`` (default; reference ``use_all_non_text_pruning=true``), or the visual
-       tokens only with ``euti_support="visual"``.
+             K = P, the prefix -- every token from position 0 to the last visual token -- with
+             ``euti_support="prefix"`` (default; reference ``use_all_non_text_pruning=true``), or
+             K = N, the visual tokens only, with ``euti_support="visual"`` (reference ``false``).
+    queries: (1, H, P, d) the layer's queries of the prefix P (whatever ``euti_support``, as the
+             reference), same RoPE choice.
     context (keyword arguments, passed only if the function accepts them by name or **kwargs):
-       hidden (P, D) the hidden states entering the layer, visual_mask (P,) bool, layer (int).
-    returns: scores of shape (1, P), (P,), or (N,) for the N visual tokens only. Higher = keep. pact
+       hidden (K, D) the hidden states of the K key tokens entering the layer, visual_mask (K,) bool,
+       layer (int).
+    returns: scores of shape (1, K), (K,), or (N,) for the N visual tokens only. Higher = keep. pact
        keeps the top ``int(N * keep_ratio)`` (or the budget), ties to the lower index. The scores are
        used as returned (``multiply_by_norm`` does not apply, as in the reference).
 
@@ -55,15 +57,16 @@ ones when ``retrieval`` is on.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 
 def custom_pruning(keys: torch.Tensor, queries: torch.Tensor, **context: Any) -> torch.Tensor:
-    """Example score: how strongly each token attends to itself, ``mean_h q_t . k_t / sqrt(d)``
-    (the reference's example). Needs P queries and P keys (same tokens).
+    """Example score, the reference's example: how strongly each token attends to itself,
+    ``mean_h q_t . k_t`` (no 1/sqrt(d), as the reference). Needs P queries and P keys (same tokens),
+    i.e. ``euti_support="prefix"``; with ``"visual"`` the keys are the N visual tokens and the
+    queries the P prefix tokens, and this example raises (the reference's crashed).
 
     Args:
         keys: (1, H, P, d). queries: (1, H, P, d).
@@ -72,30 +75,32 @@ def custom_pruning(keys: torch.Tensor, queries: torch.Tensor, **context: Any) ->
     """
     if keys.shape != queries.shape:
         raise ValueError(
-            f"custom_pruning example needs queries and keys of one shape, got {queries.shape}, {keys.shape}"
+            f"custom_pruning example needs queries and keys of one shape, got {queries.shape}, "
+            f"{keys.shape} (it scores q_t . k_t, so it needs euti_support='prefix', reference "
+            "use_all_non_text_pruning=true)"
         )
-    d = keys.shape[-1]
-    return (queries.float() * keys.float()).sum(-1).mean(1) / math.sqrt(d)
+    return (queries.float() * keys.float()).sum(-1).mean(1)
 
 
 def custom_token_reduction(
     hidden: torch.Tensor, features: torch.Tensor, *, cutoff: float = 0.0, **context: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Example: merge every window of ``w = max(1, int(cutoff))`` consecutive candidate tokens into
-    its middle token (the reference's example, which returned un-merged features by mistake: here
-    pact writes the window means). Pruned tokens, if any, are dropped.
+    """Example, the reference's example: merge every full window of ``w = max(1, int(cutoff))``
+    consecutive candidate tokens into the token ``start + w // 2``; the ``N mod w`` trailing tokens
+    that fill no window are dropped, as are pruned tokens. (The reference's example returned the
+    un-merged features by mistake; pact writes the window means, or with ``merge_mean=false`` keeps
+    each representative's own hidden state, which is what the reference computed.)
 
     Args:
         hidden: (N, D). features: (N, F) (unused by this example). cutoff: the window size.
     Returns:
-        kept: LongTensor[ceil(N / w)] middle token of each window; labels: LongTensor[N] that
-        token's index for every member of the window.
+        kept: LongTensor[N // w], ``start + w // 2`` of each full window; labels: LongTensor[N] that
+        token's index for every member of a full window, -1 for the trailing tokens.
     """
     n = hidden.shape[0]
     w = max(1, int(cutoff))
+    full = (n // w) * w  # tokens covered by full windows
     idx = torch.arange(n, device=hidden.device)
-    start = (idx // w) * w
-    size = torch.clamp(n - start, max=w)  # the last window may be shorter
-    labels = start + (size - 1) // 2
-    kept = torch.unique(labels)
+    labels = torch.where(idx < full, (idx // w) * w + w // 2, -1)
+    kept = torch.arange(n // w, device=hidden.device) * w + w // 2
     return kept, labels

@@ -170,29 +170,89 @@ def test_norm_pruning_against_plain_norms():
     assert red.kept.tolist() == expected
 
 
-def naive_fastv_reference(q, k, mask, causal=True):
-    """Plain per-row loop: mean over prefix query rows and heads of the softmax over prefix keys."""
+def naive_fastv_reference(q, k, mask, causal=True, support="prefix"):
+    """Plain per-row loop: mean over the |P| prefix query rows and the heads of the softmax over the
+    support's keys (prefix or visual) a row may see; a row that sees no key adds 0 (the reference's
+    NaN -> 0)."""
     _, H, d = q.shape
     rep = H // k.shape[1]
     vis = mask.nonzero().flatten().tolist()
     P = vis[-1] + 1
+    support_keys = list(range(P)) if support == "prefix" else vis
     total = torch.zeros(P)
     for h in range(H):
         for t in range(P):
-            width = t + 1 if causal else P
-            logits = torch.stack([q[t, h] @ k[j, h // rep] for j in range(width)]) / math.sqrt(d)
-            total[:width] += torch.softmax(logits, 0)
+            seen = [j for j in support_keys if j <= t or not causal]
+            if not seen:
+                continue
+            logits = torch.stack([q[t, h] @ k[j, h // rep] for j in seen]) / math.sqrt(d)
+            total[seen] += torch.softmax(logits, 0)
     return (total / (P * H))[vis]
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_fastv_reference_scores_against_naive_attention(causal):
-    cfg = cfg_of(pruning="fastv", keep_ratio=0.5, euti_rope=True, fastv_causal=causal)
+    cfg = cfg_of(pruning="fastv", keep_ratio=0.5, euti_rope=True, fastv_causal=causal, multiply_by_norm=False)
     s = fake_signals(cfg, T=30, first_visual=3, N=16)
     red = build_method(cfg).reduce(s)
     naive = naive_fastv_reference(s.queries(rope=True), s.keys(rope=True), s.visual_mask, causal)
     torch.testing.assert_close(red.scores, naive, rtol=1e-5, atol=1e-7)
     assert red.kept.tolist() == sorted(sorted(range(16), key=lambda i: (-float(naive[i]), i))[:8])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastv_visual_support_restricts_the_softmax_to_visual_keys(causal):
+    # The reference with use_all_non_text_pruning=false: prefix queries, visual keys only; with the
+    # causal mask the 3 rows before the first visual token see no key and add 0 (mean over all |P|).
+    cfg = cfg_of(
+        pruning="fastv",
+        keep_ratio=0.5,
+        euti_rope=True,
+        fastv_causal=causal,
+        multiply_by_norm=False,
+        use_all_non_text_pruning=False,
+    )
+    assert cfg.euti_support == "visual"
+    s = fake_signals(cfg, T=30, first_visual=3, N=16)
+    red = build_method(cfg).reduce(s)
+    q, k = s.queries(rope=True), s.keys(rope=True)
+    naive = naive_fastv_reference(q, k, s.visual_mask, causal, support="visual")
+    torch.testing.assert_close(red.scores, naive, rtol=1e-5, atol=1e-7)
+    assert red.kept.tolist() == sorted(sorted(range(16), key=lambda i: (-float(naive[i]), i))[:8])
+    # the prefix support gives other scores: the key is not ignored
+    prefix = naive_fastv_reference(q, k, s.visual_mask, causal, support="prefix")
+    assert not torch.allclose(red.scores, prefix, rtol=1e-3, atol=0)
+    # every row sees a key without the mask: the scores then sum to 1 (one softmax per row and head)
+    if not causal:
+        assert float(red.scores.sum()) == pytest.approx(1.0, rel=1e-5)
+    # chunking does not change the result
+    from pact.ops.scoring import fastv_scores
+
+    chunked = fastv_scores(q, k, s.visual_mask, causal=causal, support="visual", chunk_size=4)
+    torch.testing.assert_close(chunked, red.scores, rtol=1e-6, atol=1e-8)
+
+
+def test_fastv_multiplies_by_the_norm_as_the_reference_branch():
+    # The reference's pruning branch multiplies FastV's attention scores by ||h||_p when
+    # multiply_by_norm is set (its fastv.json sets it false).
+    base = cfg_of(pruning="fastv", keep_ratio=0.5, euti_rope=True, multiply_by_norm=False)
+    s = fake_signals(base, T=30, first_visual=3, N=16)
+    plain = build_method(base).reduce(s).scores
+    for p in (2.0, 1.0):
+        cfg = base.replace(multiply_by_norm=True, norm_to_use=p)
+        s = fake_signals(cfg, T=30, first_visual=3, N=16)
+        norms = torch.stack([h.abs().pow(p).sum().pow(1 / p) for h in s.hidden[s.visual_mask]])
+        torch.testing.assert_close(build_method(cfg).reduce(s).scores, plain * norms, rtol=1e-5, atol=0)
+    assert pact.load_config("fastv").multiply_by_norm is False
+
+
+def test_fastv_original_refuses_the_visual_support():
+    cfg = cfg_of(pruning="fastv", fastv_variant="original", euti_support="visual", layer=2)
+    with pytest.raises(ValueError, match="euti_support='visual'"):
+        build_method(cfg)
+    pair = cfg.replace(clustering="kmeans", cluster_ratio=0.5)
+    with pytest.raises(ValueError, match="euti_support='visual'"):
+        build_method(pair).reduce(fake_signals(pair))
 
 
 def test_fastv_original_uses_last_token_of_previous_layer():
@@ -363,14 +423,42 @@ def test_custom_pruning_default_example_and_reference_style_function():
     red = build_method(cfg).reduce(s)
     q, k = s.queries(rope=True), s.keys(rope=True)
     rep = q.shape[1] // k.shape[1]
-    self_attn = torch.stack([(q[:, h] * k[:, h // rep]).sum(-1) for h in range(q.shape[1])]).mean(
-        0
-    ) / math.sqrt(8)
+    # the reference's example: mean over heads of q_t . k_t (no 1 / sqrt(d))
+    self_attn = torch.stack([(q[:, h] * k[:, h // rep]).sum(-1) for h in range(q.shape[1])]).mean(0)
     torch.testing.assert_close(red.scores, self_attn[s.visual_mask])
     # a string hook; a reference-style two-argument function returning (1, P)
     cfg2 = cfg.replace(custom_pruning_fn="zoo_hooks:first_tokens_first")
     red2 = build_method(cfg2).reduce(s)
     assert red2.kept.tolist() == list(range(12))
+
+
+def test_custom_pruning_visual_support_gives_visual_keys_and_prefix_queries():
+    # The reference always passes the prefix's queries; use_all_non_text_pruning=false restricts only
+    # the keys (the scored tokens) to the visual ones.
+    from pact.methods.custom_method import custom_token_scores
+
+    seen = {}
+
+    def hook(k_image, q_image, *, hidden, visual_mask):
+        seen.update(k=k_image, q=q_image, hidden=hidden, visual_mask=visual_mask)
+        return k_image[0, 0, :, 0]  # score = first coordinate of head 0's key
+
+    for support, n_keys in (("prefix", 5 + 24), ("visual", 24)):
+        cfg = cfg_of(pruning="custom", keep_ratio=0.5, euti_support=support)
+        s = fake_signals(cfg)  # 5 text tokens, then 24 visual tokens, then text
+        scores = custom_token_scores(s, hook)
+        k, q = s.keys(), s.queries()
+        assert seen["k"].shape == (1, 4, n_keys, 8) and seen["q"].shape == (1, 4, 29, 8)
+        torch.testing.assert_close(seen["q"][0, :, :, :], q[:29].transpose(0, 1))
+        rows = torch.arange(29) if support == "prefix" else torch.arange(5, 29)
+        torch.testing.assert_close(seen["k"][0, 0], k[rows, 0])
+        torch.testing.assert_close(seen["hidden"], s.hidden[rows])
+        assert seen["visual_mask"].tolist() == s.visual_mask[rows].tolist()
+        torch.testing.assert_close(scores, k[5:29, 0, 0])
+    # the shipped example needs as many queries as keys: it refuses the visual support clearly
+    cfg = cfg_of(pruning="custom", keep_ratio=0.5, euti_support="visual")
+    with pytest.raises(ValueError, match="euti_support='prefix'"):
+        build_method(cfg).reduce(fake_signals(cfg))
 
 
 def test_custom_hook_resolution_errors():
@@ -383,13 +471,38 @@ def test_custom_hook_resolution_errors():
     assert call_hook(lambda a, b: a + b, 1, 2, hidden=3) == 3  # extra context dropped
 
 
+def test_custom_reduction_example_reproduces_the_reference():
+    from pact.custom import custom_token_reduction
+
+    # issue 10's reproducer: windows [0, 1] -> 1 and [2, 3] -> 3 (start + w // 2); token 4, which fills
+    # no window, is dropped (the reference's mask leaves it out)
+    kept, labels = custom_token_reduction(torch.arange(20.0).view(5, 4), torch.zeros(5, 4), cutoff=2)
+    assert kept.tolist() == [1, 3] and labels.tolist() == [1, 1, 3, 3, -1]
+    # 224 tokens, windows of 3: 224 // 3 = 74 kept, the last 2 tokens dropped
+    kept, labels = custom_token_reduction(torch.zeros(224, 2), torch.zeros(224, 2), cutoff=3)
+    assert kept.numel() == 74 and kept[:3].tolist() == [1, 4, 7] and int(kept[-1]) == 220
+    assert labels[-2:].tolist() == [-1, -1] and labels[219:222].tolist() == [220, 220, 220]
+    # fewer tokens than a window: nothing kept; cutoff < 1 means windows of 1
+    kept, labels = custom_token_reduction(torch.zeros(2, 2), torch.zeros(2, 2), cutoff=3)
+    assert kept.numel() == 0 and labels.tolist() == [-1, -1]
+    kept, _ = custom_token_reduction(torch.zeros(3, 2), torch.zeros(3, 2), cutoff=0.5)
+    assert kept.tolist() == [0, 1, 2]
+
+
 def test_custom_reduction_window_example_merges_means():
     cfg = cfg_of(clustering="custom", cutoff=3.0)
     s = fake_signals(cfg, N=10)
     red = build_method(cfg).reduce(s)
-    assert red.kept.tolist() == [1, 4, 7, 9]  # window middles, last window of one token
-    assert red.sizes.tolist() == [3.0, 3.0, 3.0, 1.0]
+    assert red.kept.tolist() == [1, 4, 7]  # start + 3 // 2 of each full window; token 9 dropped
+    assert red.sizes.tolist() == [3.0, 3.0, 3.0]  # the reference's weights: the window size
+    assert red.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, -1]
     torch.testing.assert_close(red.hidden, naive_means(s.hidden[s.visual_mask], red.kept, red.labels))
+    # merge_mean=false keeps each representative's own hidden state: what the reference's example
+    # computed (it returned the un-merged features)
+    red_own = build_method(cfg.replace(merge_mean=False)).reduce(s)
+    assert red_own.kept.tolist() == [1, 4, 7]
+    vis = s.hidden[s.visual_mask].float()
+    assert red_own.hidden is None or torch.equal(red_own.hidden, vis[[1, 4, 7]])
 
 
 def test_custom_combined_receives_pruned_tokens_and_can_retrieve_them():
@@ -411,6 +524,9 @@ def test_custom_combined_receives_pruned_tokens_and_can_retrieve_them():
 def test_custom_reduction_bad_return_is_a_clear_error():
     cfg = cfg_of(clustering="custom", custom_reduction_fn="zoo_hooks:bad_labels")
     with pytest.raises(ValueError, match="1-D integer tensor"):
+        build_method(cfg).reduce(fake_signals(cfg))
+    cfg = cfg_of(clustering="custom", custom_reduction_fn="zoo_hooks:reference_style_reduction")
+    with pytest.raises(ValueError, match=r"got a 4-tuple \(a hook written for the reference"):
         build_method(cfg).reduce(fake_signals(cfg))
 
 

@@ -21,3 +21,9 @@ def merge_all_into_first(hidden, features, *, pruned_hidden=None, **context):
 def bad_labels(hidden, features, **context):
     """Returns float labels: must be refused with a clear message."""
     return torch.tensor([0]), torch.zeros(hidden.shape[0])
+
+
+def reference_style_reduction(image_feature, image_feature_for_reduction, position_ids=None, cutoff=0):
+    """The reference's return format (features, mask, weights, position_ids): refused with a hint."""
+    n = image_feature.shape[0]
+    return image_feature, torch.ones(n, dtype=torch.bool), torch.ones(n), position_ids

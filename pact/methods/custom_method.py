@@ -75,12 +75,12 @@ def custom_token_scores(signals: Signals, fn: Callable[..., Any] | None = None) 
     q, k = signals.queries(rope=rope), signals.keys(rope=rope)
     vis = signals.visual_mask
     n = signals.num_visual
-    if cfg.euti_support == "visual":
-        rows = vis.nonzero().squeeze(1)
-    else:
-        last = int(vis.nonzero().max()) + 1 if n else 0
-        rows = torch.arange(last, device=vis.device)
-    keys, queries = _repeat_heads(k[rows], q.shape[1]), _repeat_heads(q[rows], q.shape[1])
+    last = int(vis.nonzero().max()) + 1 if n else 0
+    prefix = torch.arange(last, device=vis.device)
+    # As the reference: the queries are always the prefix's; the keys (the scored tokens) are the
+    # prefix's (use_all_non_text_pruning=true) or the visual tokens' only (false).
+    rows = vis.nonzero().squeeze(1) if cfg.euti_support == "visual" else prefix
+    keys, queries = _repeat_heads(k[rows], q.shape[1]), _repeat_heads(q[prefix], q.shape[1])
     out = call_hook(
         fn, keys, queries, hidden=signals.hidden[rows], visual_mask=vis[rows], layer=signals.layer
     )
@@ -155,8 +155,11 @@ class CustomReduction(Method):
             labels[subset] = out.labels
             return Reduction(subset[out.kept], out.sizes, out.hidden, labels, scores)
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+            got = f"a {len(out)}-tuple" if isinstance(out, (tuple, list)) else type(out).__name__
             raise ValueError(
-                "custom token reduction must return (kept, labels), (kept, labels, merged) or a Reduction"
+                "custom token reduction must return (kept, labels), (kept, labels, merged) or a Reduction, "
+                f"got {got} (a hook written for the reference, returning (features, mask, weights, "
+                "position_ids), needs porting: see the contract in pact/custom.py)"
             )
         kept = _as_long(out[0], dev, "kept")
         labels = _as_long(out[1], dev, "labels")

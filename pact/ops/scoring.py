@@ -14,6 +14,7 @@ Conventions shared by the scores:
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -163,21 +164,27 @@ def fastv_scores(
     *,
     variant: str = "reference",
     causal: bool = True,
+    support: str = "prefix",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention received by each visual token (FastV-style scores), float32 (N,).
 
     variant="reference" (the reference's FastV): mean over every prefix query t in P and every head
-    of softmax_j(q_t . k_j / sqrt(d)) over the prefix keys j (j <= t when `causal`), read at the
-    visual keys. Computed in float32 over chunks of query rows (`chunk_size`, default: chunks of about
-    4M logits), so the (H, |P|, |P|) attention tensor is never materialised.
+    of softmax_j(q_t . k_j / sqrt(d)) over the keys j of the softmax support (j <= t when `causal`),
+    read at the visual keys. `support`: "prefix" (keys = P, the reference's
+    use_all_non_text_pruning=true) or "visual" (keys = the visual tokens only, its false; with
+    `causal`, a query row that precedes every visual token sees no key and adds 0, as the
+    reference's NaN -> 0). The mean is over all |P| rows either way. Computed in float32 over
+    chunks of query rows (`chunk_size`, default: chunks of about 4M logits), so the (H, |P|, |S|)
+    attention tensor is never materialised.
 
     variant="original" (FastV paper): the head-mean attention of the LAST token of the sequence over
-    all keys (it sees all of them), read at the visual keys.
+    all keys (it sees all of them), read at the visual keys (`support` must be "prefix").
 
     Pass the post-RoPE queries and keys to match the reference.
     """
     _check_choice("variant", variant, ("reference", "original"))
+    _check_choice("support", support, ("prefix", "visual"))
     T = queries.shape[0] if queries.dim() == 3 else -1
     H, H_kv, d = _check_heads(queries, keys, T)
     vis = _visual_positions(visual_mask, T)
@@ -188,28 +195,46 @@ def fastv_scores(
     scale = 1.0 / math.sqrt(d)
 
     if variant == "original":
+        if support != "prefix":
+            raise ValueError(
+                "fastv_scores: variant='original' attends over every key; support must be 'prefix'"
+            )
         q = queries[-1].float().view(H_kv, n_rep, d)
         attn = torch.einsum("gnd,sgd->gns", q, keys.float()).mul_(scale).softmax(-1)
         return attn.reshape(H, T).mean(0)[vis]
 
     P = int(vis[-1]) + 1
-    k = keys[:P].float().permute(1, 2, 0)  # (H_kv, d, P)
+    key_pos = vis if support == "visual" else torch.arange(P, device=queries.device)
+    key_pos_host = vis.tolist() if support == "visual" else None
+    S = key_pos.numel()
+    k = keys[key_pos].float().permute(1, 2, 0)  # (H_kv, d, S)
     q = queries[:P].float()  # (P, H, d)
-    rows = chunk_size or _chunk_rows(P, P, H)
-    received = torch.zeros(P, dtype=torch.float32, device=queries.device)
+    rows = chunk_size or _chunk_rows(P, S, H)
+    received = torch.zeros(S, dtype=torch.float32, device=queries.device)
     for start in range(0, P, rows):
         stop = min(P, start + rows)
-        # Causal: queries < stop only see keys < stop, so the chunk only needs those columns.
-        width = stop if causal else P
+        # Causal: queries < stop only see keys at positions < stop, so the chunk only needs those columns.
+        if not causal:
+            width = S
+        elif key_pos_host is None:
+            width = stop
+        else:
+            width = bisect.bisect_left(key_pos_host, stop)
+        if width == 0:
+            continue  # no query row of the chunk sees a key: they add 0
         qc = q[start:stop].view(stop - start, H_kv, n_rep, d).permute(1, 0, 2, 3)  # (H_kv, r, n_rep, d)
         logits = torch.matmul(qc.reshape(H_kv, -1, d), k[:, :, :width]).mul_(scale)  # (H_kv, r*n_rep, w)
         if causal:
             t = torch.arange(start, stop, device=q.device)
-            future = torch.arange(width, device=q.device)[None, :] > t[:, None]  # (r, w)
+            future = key_pos[None, :width] > t[:, None]  # (r, w)
             logits = logits.view(H_kv, stop - start, n_rep, width)
             logits.masked_fill_(future[None, :, None], -math.inf)
-        received[:width] += logits.reshape(-1, width).softmax(-1).sum(0)
-    return (received / (P * H))[vis]
+        probs = logits.reshape(-1, width).softmax(-1)
+        if causal and key_pos_host is not None:
+            probs = probs.nan_to_num_(0.0)  # rows before the first visual key: all masked
+        received[:width] += probs.sum(0)
+    received /= P * H
+    return received[vis] if support == "prefix" else received
 
 
 def keep_count(num: int, keep_ratio: float) -> int:
