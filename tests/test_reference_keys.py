@@ -184,16 +184,12 @@ def test_mean_position_id_moves_merged_tokens():
 
 
 @covers("change_position_ids")
-def test_change_position_ids_is_applied_or_refused():
+def test_change_position_ids_renumbers():
     cfg = ref(use_custom_merging=True, cutoff=3.0)
     assert cfg.replace(change_position_ids=True).position_mode == "renumber"
     center, _ = run(cfg)
-    try:
-        renumbered, _ = run(cfg.replace(change_position_ids=True))
-    except ValueError as e:  # refused loudly until the engine implements it
-        assert "renumber" in str(e)
-    else:
-        assert not torch.allclose(center, renumbered)
+    renumbered, _ = run(cfg.replace(change_position_ids=True))
+    assert not torch.allclose(center, renumbered)  # exact renumbered positions: tests/test_renumber.py
 
 
 @covers("log_output_path")
