@@ -28,6 +28,13 @@ class Reduction:
         labels: LongTensor[N], for each visual token the index into `kept` of the token that
             represents it, or -1 if it was dropped. For kept token r, labels[kept[r]] == r.
         scores: optional FloatTensor[N] importance scores (for plots and debugging).
+        order: optional LongTensor[R], a permutation of range(R): the kept visual tokens are placed
+            in the sequence in that order (``kept[order[0]]`` first); None = sequence order. ``kept``
+            itself stays strictly increasing. (Vision-side methods whose official code emits the
+            tokens in attention order, e.g. PruMerge.)
+        extra: optional Tensor[E, D], hidden states of E new tokens placed right after the sample's
+            kept visual tokens, each of size 1 and representing no original token (PruMerge's
+            attention-weighted sum of the pruned tokens).
     """
 
     kept: torch.Tensor
@@ -35,6 +42,8 @@ class Reduction:
     hidden: torch.Tensor | None
     labels: torch.Tensor
     scores: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
