@@ -402,8 +402,8 @@ def hired_crop_scores(
     (the crop that covers it). ``layout="raster"`` reproduces the official code, which reshapes the
     raster-ordered base tokens to (rows, cols, -1), i.e. gives crop c (row-major) the c-th contiguous
     chunk of V / (rows * cols) raster tokens (horizontal bands rather than the crop's region). When
-    V is not a multiple of the crop count (the official reshape fails) chunk c is the raster range
-    ``[floor(c V / n), floor((c + 1) V / n))``, the same chunks whenever they divide evenly.
+    V is not a multiple of the crop count n (the official reshape fails) chunk c is the raster range
+    ``[ceil(c V / n), ceil((c + 1) V / n))``, the same chunks whenever they divide evenly.
 
     Args:
         base_cls_attn: (V,) [CLS] attention of the base image, V = h * w.
