@@ -609,3 +609,34 @@ def test_vispruner_is_the_official_method_on_llava_next():
     with torch.no_grad():
         model(**x)
     assert pact.api.stats(model).visual_after == [int(n * cfg.keep_ratio) for n in per_sample]
+
+
+def test_every_vision_option_changes_what_it_names():
+    # no accepted key is silently ignored: each option, on a model, changes the computation it names
+    def run(model: Any, family: str, name: str, **overrides: Any) -> Any:
+        pact.api.apply(model, pact.load_config(name, **overrides))
+        reds = returned_reductions(model)
+        with torch.no_grad():
+            model(**two_samples(family))
+        pact.api.remove(model)
+        return reds[0]
+
+    sharp = sharp_llava()
+    base = run(sharp, "llava", "prumerge")
+    assert not torch.allclose(
+        run(sharp, "llava", "prumerge", prumerge_attention="head_mean").scores, base.scores
+    )
+    projected = run(sharp, "llava", "prumerge", vision_features="projector")
+    assert torch.equal(projected.kept, base.kept) and not torch.allclose(projected.hidden, base.hidden)
+    assert run(sharp, "llava", "prumerge", prumerge_extra_token=False).extra is None
+    plus = run(sharp, "llava", "prumerge", prumerge_plus=True)
+    lattice = run(sharp, "llava", "prumerge", prumerge_plus=True, prumerge_sampling="lattice")
+    assert plus.kept.tolist() != lattice.kept.tolist()
+    model, _ = tiny6("llava_next")
+    vp = run(model, "llava_next", "vispruner")
+    assert (
+        run(model, "llava_next", "vispruner", vision_features="projector").kept.tolist() != vp.kept.tolist()
+    )
+    assert run(model, "llava_next", "vispruner", vispruner_scope="sample").kept.tolist() != vp.kept.tolist()
+    hired = run(model, "llava_next", "hired")
+    assert run(model, "llava_next", "hired", hired_layout="spatial").kept.tolist() != hired.kept.tolist()

@@ -730,13 +730,15 @@ def _concat(
     the members' current sizes.
     """
     kept, labels, hidden, new_sizes = [], torch.full((n,), -1, dtype=torch.long, device=device), [], []
-    orders, extras = [], []
+    orders, extras, scores = [], [], []
     offset = 0
     for start, red in parts:
         r = red.kept.numel()
         orders.append((red.order if red.order is not None else torch.arange(r, device=device)) + offset)
         if red.extra is not None:
             extras.append(red.extra.float())
+        if red.scores is not None:
+            scores.append(red.scores.float())
         m = red.labels.numel()
         kept.append(red.kept + start)
         lab = red.labels
@@ -756,6 +758,7 @@ def _concat(
         sizes=torch.cat(new_sizes) if new_sizes else torch.zeros(0, device=device),
         hidden=cat_hidden,
         labels=labels,
+        scores=torch.cat(scores) if scores and len(scores) == len(parts) else None,
         order=None if in_order else order,
         extra=torch.cat(extras) if extras else None,
     )
