@@ -640,3 +640,23 @@ def test_every_vision_option_changes_what_it_names():
     assert run(model, "llava_next", "vispruner", vispruner_scope="sample").kept.tolist() != vp.kept.tolist()
     hired = run(model, "llava_next", "hired")
     assert run(model, "llava_next", "hired", hired_layout="spatial").kept.tolist() != hired.kept.tolist()
+
+
+def test_vispruner_computes_in_the_model_dtype():
+    # a bf16 model: the default reads the [CLS] attention in bf16 (the official fp16/bf16 run), the
+    # option in float32 from the same bf16 q/k; the rounding shows in the recorded scores
+    model, _ = testing.tiny_pair("llava", num_hidden_layers=2)
+    model = model.to(torch.bfloat16)
+    x = two_samples("llava")
+    x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+    scores = {}
+    for dtype in ("model", "float32"):
+        pact.api.apply(model, pact.load_config("vispruner", vispruner_dtype=dtype))
+        reds = returned_reductions(model)
+        with torch.no_grad():
+            model(**x)
+        pact.api.remove(model)
+        scores[dtype] = reds[0].scores
+    assert not torch.equal(scores["model"], scores["float32"])
+    assert torch.equal(scores["model"], scores["model"].bfloat16().float())  # bf16 values
+    assert not torch.equal(scores["float32"], scores["float32"].bfloat16().float())
