@@ -8,9 +8,12 @@ How the vision-encoder attention is obtained (no eager switch, no patched forwar
    encoder layers a method reads, and a forward hook on the module whose output rows become the
    LLM's visual tokens (the multimodal projector, Qwen's patch merger). The pre-hook receives the
    layer's (normed) input and recomputes that layer's queries and keys exactly as the module does
-   (its own projections, q/k norms, rotary embedding), then keeps only the signal a method needs:
-   * encoders with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, InternViT): the head-mean attention
-     of the [CLS] query over the patches (``pact.ops.vision.cls_attention``);
+   (its own projections, q/k norms, rotary embedding), then keeps only the signal a method needs
+   (`SignalSpec`):
+   * encoders with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, InternViT): the attention of the
+     [CLS] query over the patches (``pact.ops.vision.cls_attention``) as each official code reads
+     it: head mean (VisPruner, optionally in the model dtype), head sum (HiRED), or one head over
+     the full q/k width (PruMerge);
    * encoders without one (SigLIP in LLaVA-OneVision, the Qwen2-VL / Qwen2.5-VL ViTs): the documented
      substitute ``pact.ops.vision.mean_received_attention``, the mean attention each patch receives
      from all patches of its image (or of its attention window), computed in query chunks.
@@ -18,7 +21,9 @@ How the vision-encoder attention is obtained (no eager switch, no patched forwar
    one row per patch (CLIP, SigLIP; [CLS] dropped under the "default" feature strategy), the mean
    over the 2x2 patches of InternVL's pixel shuffle (the model's ``pixel_shuffle`` applied to the
    signal map) and of Qwen's merger (4 consecutive patches). LLaVA-OneVision videos additionally get
-   the model's own ``apply_pooling`` view.
+   the model's own ``apply_pooling`` view. On request the projector's input rows are recorded too
+   ("features": the encoder's selected-layer outputs the official methods compare and merge), and
+   every row carries the number of the encoder image (crop) it comes from.
 2. At the reduction layer every visual token of a sample is matched to the captured row it was
    built from: nearest row of its LLM input embedding (exact copies in every family; LLaVA-NeXT's
    unpadding, newline slots and batch order need no re-derivation, and it works in ``generate``,
