@@ -660,3 +660,14 @@ def test_vispruner_computes_in_the_model_dtype():
     assert not torch.equal(scores["model"], scores["float32"])
     assert torch.equal(scores["model"], scores["model"].bfloat16().float())  # bf16 values
     assert not torch.equal(scores["float32"], scores["float32"].bfloat16().float())
+
+
+def test_prumerge_budget_adds_no_extra_token():
+    # a budget counts every token the sample keeps: exactly K visual tokens, no extra one on top
+    model = sharp_llava()
+    pact.api.apply(model, pact.load_config("prumerge", target_tokens=10))
+    reds = returned_reductions(model)
+    with torch.no_grad():
+        model(**two_samples("llava"))
+    pact.api.remove(model)
+    assert [r.num_kept for r in reds] == [10, 10] and all(r.extra is None for r in reds)

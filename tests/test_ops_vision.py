@@ -458,3 +458,8 @@ def test_vispruner_similarity_in_the_model_dtype():
     assert vispruner_select(a, f, 3, 0.0).tolist() == [0, 1, 3]
     for dtype in (torch.bfloat16, torch.float16):
         assert vispruner_select(a, f.to(dtype), 3, 0.0, dtype=dtype).tolist() == [1, 2, 3]
+
+
+def test_prumerge_empty_image_has_no_extra_token():
+    red = prumerge(torch.zeros(0), torch.zeros(0, 3), torch.zeros(0, 2))
+    assert red.num_kept == 0 and red.extra is None and red.order.numel() == 0

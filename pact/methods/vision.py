@@ -657,7 +657,8 @@ class PruMerge(VisionMethod):
     that layer's; the merge runs on the selected layer's features (the projector input) and the
     model's projector maps the merged rows (and the extra token) into the LLM; the kept tokens are
     emitted most-attended first (``Reduction.order``) and the extra token (attention-weighted sum of
-    every pruned token) follows them (``Reduction.extra``, one per image).
+    every pruned token) follows them (``Reduction.extra``, one per image; not with a budget, which
+    counts every token the sample keeps).
 
     Options: ``prumerge_attention="head_mean"`` (mean over the heads), ``vision_features=
     "projector"`` (merge the LLM input embeddings), ``prumerge_sampling="lattice"`` (PruMerge+'s
@@ -685,7 +686,8 @@ class PruMerge(VisionMethod):
         target = target_count(cfg, n)
         plus = bool(getattr(cfg, "prumerge_plus", False))
         lattice = getattr(cfg, "prumerge_sampling", "arange") == "lattice"
-        extra_token = bool(getattr(cfg, "prumerge_extra_token", True))
+        # with a budget the sample keeps exactly K tokens: no extra token on top (equal budgets)
+        extra_token = bool(getattr(cfg, "prumerge_extra_token", True)) and target is None
         images = _image_slices(sample_groups(signals))
         parts: list[tuple[int, Reduction]] = []
         rates = [(b - a) / n for a, b, _ in images] if n else []

@@ -306,11 +306,9 @@ def prumerge(
     h = hidden.detach().to(torch.float32)
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=device)
-        extra = h.new_zeros(1, h.shape[1]) if extra_token else None
         return Reduction(
-            kept=e, sizes=torch.zeros(0, device=device), hidden=h, labels=e.clone(), scores=a,
-            order=e.clone(), extra=extra,
-        )  # fmt: skip
+            kept=e, sizes=torch.zeros(0, device=device), hidden=h, labels=e.clone(), scores=a, order=e.clone()
+        )  # no token, nothing pruned: no extra token either
 
     if n_keep is None:
         outliers = iqr_outliers(a, iqr_coef)
