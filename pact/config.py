@@ -424,6 +424,11 @@ def _combination_problems(c: PactConfig) -> list[str]:
             "fastv_variant='original' ranks tokens with the attention of layer L-1, so layer must be "
             f">= 1 (got layer={c.layer})"
         )
+    if c.prumerge_sampling == "lattice" and not c.prumerge_plus:
+        problems.append(
+            "prumerge_sampling='lattice' places PruMerge+'s uniform samples, so it needs "
+            "prumerge_plus=true (got prumerge_plus=false)"
+        )
     if c.custom_pruning_fn is not None and c.pruning != "custom":
         problems.append(f"custom_pruning_fn is only used with pruning='custom' (got pruning={c.pruning!r})")
     if c.custom_reduction_fn is not None and c.clustering != "custom":

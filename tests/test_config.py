@@ -930,6 +930,7 @@ def test_invalid_choices(changes: dict[str, Any], needles: list[str]) -> None:
         ),
         ({"custom_pruning_fn": "pkg.mod:fn"}, ["custom_pruning_fn", "pruning='custom'"]),
         ({"custom_reduction_fn": "pkg.mod:fn"}, ["custom_reduction_fn", "clustering='custom'"]),
+        ({"prumerge_sampling": "lattice"}, ["prumerge_sampling='lattice'", "prumerge_plus=true"]),
     ],
 )
 def test_incompatible_options(changes: dict[str, Any], needles: list[str]) -> None:
