@@ -131,6 +131,17 @@ class PactConfig:
     """VisPruner: share r of the budget given to important (attention-selected) tokens."""
     hired_alpha: float = 0.5
     """HiRED: share of the budget split between sub-images by the base image's attention."""
+    hired_layout: str = "raster"
+    """HiRED sub-image shares: base tokens counted per contiguous "raster" chunk (official) or for
+    the crop covering them ("spatial")."""
+    vispruner_scope: str = "crop"
+    """VisPruner budget: per encoder image/"crop" (official; LLaVA-NeXT "32 x 5 = 160") or one
+    selection over the whole "sample"."""
+    vispruner_dtype: str = "model"
+    """VisPruner attention and similarity dtype: the "model" dtype (official) or "float32"."""
+    vision_features: str = "encoder"
+    """VisPruner similarity / PruMerge merge features: the "encoder" selected-layer outputs (projector
+    input, official) or the "projector" outputs (LLM input embeddings)."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -177,6 +188,12 @@ class PactConfig:
     """Spatial pooling window (pooling clustering)."""
     prumerge_plus: bool = False
     """PruMerge+: add spatially uniform samples to PruMerge's outlier tokens (clustering="prumerge")."""
+    prumerge_attention: str = "full_width"
+    """PruMerge [CLS] attention: one head over the "full_width" q/k (official) or the "head_mean"."""
+    prumerge_sampling: str = "arange"
+    """PruMerge+ samples: 1-D "arange" over the flat token list (official) or a 2-D "lattice"."""
+    prumerge_extra_token: bool = True
+    """PruMerge: append the attention-weighted sum of the pruned tokens after the kept ones (official)."""
     sdpa_fast_path: bool = True
     """On attn_implementation="sdpa", fold the log(size) key bias into one extra query/key column and
     keep SDPA's causal kernel (same outputs, much faster than an explicit float mask on CPU); False
@@ -336,6 +353,10 @@ _RULES: dict[str, _Rule] = {
     "vtw_keep_ratio": _unit(),
     "vispruner_important_ratio": _unit(),
     "hired_alpha": _unit(),
+    "hired_layout": _choice("raster", "spatial"),
+    "vispruner_scope": _choice("crop", "sample"),
+    "vispruner_dtype": _choice("model", "float32"),
+    "vision_features": _choice("encoder", "projector"),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
@@ -356,6 +377,9 @@ _RULES: dict[str, _Rule] = {
     "tome_equivalent_layer": _at_least(0),
     "pooling_stride": _at_least(1),
     "prumerge_plus": _BOOL,
+    "prumerge_attention": _choice("full_width", "head_mean"),
+    "prumerge_sampling": _choice("arange", "lattice"),
+    "prumerge_extra_token": _BOOL,
     "sdpa_fast_path": _BOOL,
     "custom_pruning_fn": _HOOK,
     "custom_reduction_fn": _HOOK,
@@ -402,6 +426,11 @@ def _combination_problems(c: PactConfig) -> list[str]:
         problems.append(
             "fastv_variant='original' ranks tokens with the attention of layer L-1, so layer must be "
             f">= 1 (got layer={c.layer})"
+        )
+    if c.prumerge_sampling == "lattice" and not c.prumerge_plus:
+        problems.append(
+            "prumerge_sampling='lattice' places PruMerge+'s uniform samples, so it needs "
+            "prumerge_plus=true (got prumerge_plus=false)"
         )
     if c.custom_pruning_fn is not None and c.pruning != "custom":
         problems.append(f"custom_pruning_fn is only used with pruning='custom' (got pruning={c.pruning!r})")

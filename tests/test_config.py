@@ -58,6 +58,10 @@ PACT_DEFAULTS: dict[str, Any] = {
     "vtw_keep_ratio": 0.0,
     "vispruner_important_ratio": 0.5,
     "hired_alpha": 0.5,
+    "hired_layout": "raster",
+    "vispruner_scope": "crop",
+    "vispruner_dtype": "model",
+    "vision_features": "encoder",
     "cutoff": 0.21,
     "density_bandwidth": 2.0,
     "density_kernel": "gaussian",
@@ -77,6 +81,9 @@ PACT_DEFAULTS: dict[str, Any] = {
     "tome_equivalent_layer": 4,
     "pooling_stride": 2,
     "prumerge_plus": False,
+    "prumerge_attention": "full_width",
+    "prumerge_sampling": "arange",
+    "prumerge_extra_token": True,
     "sdpa_fast_path": True,
     "custom_pruning_fn": None,
     "custom_reduction_fn": None,
@@ -923,6 +930,7 @@ def test_invalid_choices(changes: dict[str, Any], needles: list[str]) -> None:
         ),
         ({"custom_pruning_fn": "pkg.mod:fn"}, ["custom_pruning_fn", "pruning='custom'"]),
         ({"custom_reduction_fn": "pkg.mod:fn"}, ["custom_reduction_fn", "clustering='custom'"]),
+        ({"prumerge_sampling": "lattice"}, ["prumerge_sampling='lattice'", "prumerge_plus=true"]),
     ],
 )
 def test_incompatible_options(changes: dict[str, Any], needles: list[str]) -> None:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ import pact.api
 from pact import testing
 from pact.config import CONFIGS_DIR, config_names
 from pact.methods.vision import VisionCapture, match_rows
+from pact.ops.vision import vispruner_select
 
 FAMILIES = testing.FAMILIES
 CONFIGS = config_names()
@@ -389,3 +391,283 @@ def test_configdoc_documents_every_key_used_in_configs():
         assert not missing, f"{path.name}: keys not documented in docs/CONFIGDOC.md: {sorted(missing)}"
     for name in CONFIGS:
         assert f"`{name}.json`" in doc, f"configs/{name}.json is not described in docs/CONFIGDOC.md"
+
+
+# ---------------------------------------------------------------------------------------------------
+# vision-side methods against their official code, on the models (the official answer recomputed
+# from the tower's own tensors, as the official implementations read them)
+
+
+def returned_reductions(model: Any) -> list[Any]:
+    """The Reductions the applied method returns (order / extra are not in the engine's records)."""
+    method = pact.api.engine_of(model).method
+    out: list[Any] = []
+    reduce = method.reduce
+
+    def wrapped(signals: Any) -> Any:
+        red = reduce(signals)
+        out.append(red)
+        return red
+
+    method.reduce = wrapped  # this instance only; pact.remove drops the method
+    return out
+
+
+def tower_run(model: Any, pixel_values: torch.Tensor, layer: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The CLIP tower's outputs and the q_proj / k_proj outputs of encoder ``layer`` (the official
+    PruMerge and HiRED hooks)."""
+    grabbed: dict[str, torch.Tensor] = {}
+    attn = out_layers(model)[layer].self_attn
+    hq = attn.q_proj.register_forward_hook(lambda m, i, o: grabbed.__setitem__("q", o))
+    hk = attn.k_proj.register_forward_hook(lambda m, i, o: grabbed.__setitem__("k", o))
+    try:
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    finally:
+        hq.remove()
+        hk.remove()
+    return out, grabbed["q"], grabbed["k"]
+
+
+def official_prumerge(q, k, feats, plus):
+    """LLaVA-PruMerge's token_prune_merge_advanced(_plus) for ONE image, in plain loops.
+
+    q, k: (1 + N, C) layer-23 q_proj / k_proj outputs ([CLS] first); feats: (N, C) select-layer
+    features. Returns (idx in official order, updated features (R, C), extra (1, C))."""
+    n, c = feats.shape
+    attn = torch.softmax((q @ k.T) * c**-0.5, dim=-1)
+    cls = attn[0, 1:]
+    a = cls.numpy()
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    m = int((a > q3 + 1.5 * (q3 - q1)).sum())
+    ratio = m / n
+    idx = sorted(range(n), key=lambda i: (-float(cls[i]), i))[: int(n * ratio)]
+    if plus:
+        step = int(1 / ratio)
+        idx = idx + [x for x in range(0, n - 1, int(step / 3)) if x not in idx]
+    compl = [j for j in range(n) if j not in idx]
+    keys = torch.nn.functional.normalize(k[1:], dim=-1)
+    updated = []
+    for pos, i in enumerate(idx):
+        rest = idx[:pos] + idx[pos + 1 :] + compl
+        sims = [float(keys[i] @ keys[j]) for j in rest]
+        top = sorted(range(len(rest)), key=lambda t: (-sims[t], t))[:32]
+        updated.append(feats[i] + sum(cls[rest[t]] * feats[rest[t]] for t in top))
+    extra = sum((cls[j] * feats[j] for j in compl), torch.zeros(c))[None]
+    return idx, torch.stack(updated), extra
+
+
+_SHARP: dict[str, Any] = {}
+
+
+def sharp_llava() -> Any:
+    """A tiny LLaVA-1.5 whose last encoder layer's q/k are scaled x5: a peaked [CLS] attention with
+    IQR outliers (8 of 36 patches here), as a trained CLIP has; the random one has none."""
+    if "model" not in _SHARP:
+        model, _ = testing.tiny_pair("llava", num_hidden_layers=2)
+        attn = out_layers(model)[-1].self_attn
+        with torch.no_grad():
+            attn.q_proj.weight.mul_(5.0)
+            attn.k_proj.weight.mul_(5.0)
+        _SHARP["model"] = model
+    return _SHARP["model"]
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_prumerge_is_the_official_method_on_llava(plus):
+    model = sharp_llava()
+    x = two_samples("llava")
+    pact.api.apply(model, pact.load_config("prumerge", prumerge_plus=plus))
+    reds = returned_reductions(model)
+    with torch.no_grad():
+        model(**x)
+    select = model.config.vision_feature_layer
+    out, q, k = tower_run(model, x["pixel_values"], len(out_layers(model)) + select + 1)
+    pact.api.remove(model)
+    assert len(reds) == 2
+    for b, red in enumerate(reds):
+        feats = out.hidden_states[select][b, 1:]
+        idx, updated, extra = official_prumerge(q[b], k[b], feats, plus)
+        assert len(idx) > 1
+        assert red.kept[red.order].tolist() == idx, "kept tokens or their official order differ"
+        proj = model.model.multi_modal_projector
+        with torch.no_grad():
+            torch.testing.assert_close(red.hidden[red.order], proj(updated).float(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(red.extra, proj(extra).float(), rtol=1e-4, atol=1e-5)
+
+
+def out_layers(model: Any) -> Any:
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def next_crops_and_tokens(model: Any, x: dict) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:
+    """LLaVA-NeXT: crops per image, the tower outputs over all crops, the projector rows (crops x V, D)
+    and, per LLM visual token in sequence order, the row it is a copy of (newline rows skipped)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    core = model.model
+    side = model.config.vision_config.image_size
+    counts = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, side) for s in x["image_sizes"]]
+    pv = torch.cat([p[:c] for p, c in zip(x["pixel_values"], counts, strict=True)])
+    with torch.no_grad():
+        out = core.vision_tower(pv, output_hidden_states=True)
+        rows = core.multi_modal_projector(out.hidden_states[-2][:, 1:]).flatten(0, 1)
+        feats = core.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"])
+    tokens = torch.cat(list(feats.pooler_output))
+    token_row = []
+    for t in tokens:  # a plain loop; newline rows match no projector row
+        hit = torch.nonzero((rows == t).all(-1)).flatten()
+        if hit.numel():
+            token_row.append(int(hit[0]))
+    return counts, out, rows, torch.tensor(token_row)
+
+
+def cls_rows(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """(crops, V, H) per-head [CLS] attention over the patches, from q_proj / k_proj outputs."""
+    b, s, c = q.shape
+    d = c // heads
+    qh, kh = q.view(b, s, heads, d).transpose(1, 2), k.view(b, s, heads, d).transpose(1, 2)
+    attn = torch.softmax((qh @ kh.transpose(-2, -1)) * d**-0.5, dim=-1)  # (b, H, s, s)
+    return attn[:, :, 0, 1:].transpose(1, 2)
+
+
+def test_hired_is_the_official_method_on_llava_next():
+    # the official HiRED_token_selection, in plain loops (rate 0.2, alpha 0.5; V = 16, 4 sub-images,
+    # whose raster chunks of 4 tokens divide V as the official reshape needs)
+    model, _ = tiny6("llava_next")
+    x = two_samples("llava_next")
+    cfg = pact.load_config("hired")
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    ours = kept_of(model)
+    pact.api.remove(model)
+    counts, _, _, token_row = next_crops_and_tokens(model, x)
+    select_layer = len(out_layers(model)) + model.config.vision_feature_layer
+    heads = model.config.vision_config.num_attention_heads
+    pv = torch.cat([p[:c] for p, c in zip(x["pixel_values"], counts, strict=True)])
+    _, q, k = tower_run(model, pv, select_layer)
+    late = cls_rows(q, k, heads).sum(-1)  # summed over heads, as HiRED
+    _, q0, k0 = tower_run(model, pv, 0)
+    early = cls_rows(q0, k0, heads).sum(-1)
+    v = late.shape[1]
+    selected = torch.zeros(late.numel(), dtype=torch.bool)
+    first = 0
+    for p in counts:
+        total = int(p * v * cfg.keep_ratio)
+        base = min(int(total * cfg.hired_alpha), v)
+        sub = min(total - base, (p - 1) * v)
+        mask = torch.zeros(p, v, dtype=torch.bool)
+        mask[0, sorted(range(v), key=lambda i: -float(late[first, i]))[:base]] = True
+        if sub > 0:
+            assert v % (p - 1) == 0
+            top = sorted(range(v), key=lambda i: -float(early[first, i]))[: int(v * (1 - cfg.hired_alpha))]
+            marked = torch.zeros(v)
+            marked[top] = 1
+            share = marked.reshape(p - 1, -1).sum(-1)
+            budgets = ((share / share.sum()) * sub).int().clamp(max=v).tolist()
+            for i, b in enumerate(budgets):
+                mask[i + 1, sorted(range(v), key=lambda t: -float(late[first + i + 1, t]))[:b]] = True
+        selected[first * v : (first + p) * v] = mask.flatten()
+        first += p
+    # tokens of each sample in sequence order; a token stays iff the encoder token it copies was chosen
+    per_sample = [int(n) for n in testing.patch_token_mask(model, x).sum(1)]
+    want = [chosen.nonzero().flatten().tolist() for chosen in torch.split(selected[token_row], per_sample)]
+    assert ours == want
+    # tokens lost to unpadding are not replaced: fewer than the pre-unpad budget here
+    assert sum(len(w) for w in want) < sum(int(p * v * cfg.keep_ratio) for p in counts)
+
+
+def test_vispruner_is_the_official_method_on_llava_next():
+    # the official encode_images: each crop (base included) keeps T = int(16 * 0.25) = 4 of its 16
+    # tokens, chosen on the select-layer attention (head mean) and select-layer features
+    model, _ = tiny6("llava_next")
+    x = two_samples("llava_next")
+    cfg = pact.load_config("vispruner")
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    ours = kept_of(model)
+    pact.api.remove(model)
+    counts, out, _, token_row = next_crops_and_tokens(model, x)
+    select_layer = len(out_layers(model)) + model.config.vision_feature_layer
+    pv = torch.cat([p[:c] for p, c in zip(x["pixel_values"], counts, strict=True)])
+    _, q, k = tower_run(model, pv, select_layer)
+    attn = cls_rows(q, k, model.config.vision_config.num_attention_heads).mean(-1)
+    feats = out.hidden_states[-2][:, 1:]
+    crops, v = attn.shape
+    t = int(v * cfg.keep_ratio)
+    selected = torch.zeros(crops, v, dtype=torch.bool)
+    for c in range(crops):
+        selected[c, vispruner_select(attn[c], feats[c], t, cfg.vispruner_important_ratio)] = True
+    per_sample = [int(n) for n in testing.patch_token_mask(model, x).sum(1)]
+    want = [s.nonzero().flatten().tolist() for s in torch.split(selected.flatten()[token_row], per_sample)]
+    assert ours == want
+    # the options give today's behaviour: one selection of int(N * keep_ratio) per sample
+    pact.api.apply(model, pact.load_config("vispruner", vispruner_scope="sample"))
+    with torch.no_grad():
+        model(**x)
+    assert pact.api.stats(model).visual_after == [int(n * cfg.keep_ratio) for n in per_sample]
+
+
+def test_every_vision_option_changes_what_it_names():
+    # no accepted key is silently ignored: each option, on a model, changes the computation it names
+    def run(model: Any, family: str, name: str, **overrides: Any) -> Any:
+        pact.api.apply(model, pact.load_config(name, **overrides))
+        reds = returned_reductions(model)
+        with torch.no_grad():
+            model(**two_samples(family))
+        pact.api.remove(model)
+        return reds[0]
+
+    sharp = sharp_llava()
+    base = run(sharp, "llava", "prumerge")
+    assert not torch.allclose(
+        run(sharp, "llava", "prumerge", prumerge_attention="head_mean").scores, base.scores
+    )
+    projected = run(sharp, "llava", "prumerge", vision_features="projector")
+    assert torch.equal(projected.kept, base.kept) and not torch.allclose(projected.hidden, base.hidden)
+    assert run(sharp, "llava", "prumerge", prumerge_extra_token=False).extra is None
+    plus = run(sharp, "llava", "prumerge", prumerge_plus=True)
+    lattice = run(sharp, "llava", "prumerge", prumerge_plus=True, prumerge_sampling="lattice")
+    assert plus.kept.tolist() != lattice.kept.tolist()
+    model, _ = tiny6("llava_next")
+    vp = run(model, "llava_next", "vispruner")
+    assert (
+        run(model, "llava_next", "vispruner", vision_features="projector").kept.tolist() != vp.kept.tolist()
+    )
+    assert run(model, "llava_next", "vispruner", vispruner_scope="sample").kept.tolist() != vp.kept.tolist()
+    hired = run(model, "llava_next", "hired")
+    assert run(model, "llava_next", "hired", hired_layout="spatial").kept.tolist() != hired.kept.tolist()
+
+
+def test_vispruner_computes_in_the_model_dtype():
+    # a bf16 model: the default reads the [CLS] attention in bf16 (the official fp16/bf16 run), the
+    # option in float32 from the same bf16 q/k; the rounding shows in the recorded scores
+    model, _ = testing.tiny_pair("llava", num_hidden_layers=2)
+    model = model.to(torch.bfloat16)
+    x = two_samples("llava")
+    x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+    scores = {}
+    for dtype in ("model", "float32"):
+        pact.api.apply(model, pact.load_config("vispruner", vispruner_dtype=dtype))
+        reds = returned_reductions(model)
+        with torch.no_grad():
+            model(**x)
+        pact.api.remove(model)
+        scores[dtype] = reds[0].scores
+    assert not torch.equal(scores["model"], scores["float32"])
+    assert torch.equal(scores["model"], scores["model"].bfloat16().float())  # bf16 values
+    assert not torch.equal(scores["float32"], scores["float32"].bfloat16().float())
+
+
+def test_prumerge_budget_adds_no_extra_token():
+    # a budget counts every token the sample keeps: exactly K visual tokens, no extra one on top
+    model = sharp_llava()
+    pact.api.apply(model, pact.load_config("prumerge", target_tokens=10))
+    reds = returned_reductions(model)
+    with torch.no_grad():
+        model(**two_samples("llava"))
+    pact.api.remove(model)
+    assert [r.num_kept for r in reds] == [10, 10] and all(r.extra is None for r in reds)

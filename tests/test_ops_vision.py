@@ -16,10 +16,12 @@ from pact.ops.vision import (
     cls_attention,
     hired_budgets,
     hired_crop_scores,
+    hired_image_rows,
     hired_select,
     iqr_outliers,
     mean_received_attention,
     prumerge,
+    vispruner_crops,
     vispruner_select,
 )
 
@@ -333,3 +335,131 @@ def test_grid_pool_errors():
         grid_pool(4, 4, 0)
     with pytest.raises(ValueError):
         grid_pool(4, 4, 2, "middle")
+
+
+# ------------------------------------------------------------------------------------------------
+# the official rules, on hand-worked cases (each answer derived from the official code, see comments)
+
+
+def test_cls_attention_sums_heads_and_computes_in_the_given_dtype():
+    h, n, d = 3, 5, 4
+    q, k, kc = torch.randn(h, d), torch.randn(n, h, d), torch.randn(h, d)
+    mean = cls_attention(q, k, kc)
+    assert torch.allclose(cls_attention(q, k, kc, heads="sum"), h * mean, atol=1e-6)  # HiRED: sum(dim=1)
+    # fp16 (the official runs' dtype): the result is the fp16 computation, not the float32 one
+    half = cls_attention(q.half(), k.half(), kc.half(), dtype=torch.float16)
+    q16 = q.half() * d**-0.5  # CLIP scales the query before the product
+    logits = torch.cat(
+        [(q16 * kc.half()).sum(-1, keepdim=True), torch.einsum("hd,nhd->hn", q16, k.half())], 1
+    )
+    assert torch.equal(half, torch.softmax(logits, -1)[:, 1:].mean(0).float())
+    with pytest.raises(ValueError, match="heads"):
+        cls_attention(q, k, heads="max")
+
+
+def test_prumerge_official_order_and_extra_token():
+    # a: IQR (numpy linear quartiles) of the sorted [.01,.01,.01,.01,.02,.02,.3,.5] is Q1 = .01,
+    # Q3 = .02 + .25 * .28 = .09, bound .09 + 1.5 * .08 = .21: outliers 4 (.5) and 2 (.3); the
+    # official topk(cls_attn, 2) emits them most-attended first: [4, 2].
+    a = torch.tensor([0.01, 0.02, 0.3, 0.01, 0.5, 0.01, 0.02, 0.01])
+    h = torch.eye(8)  # one-hot features: a merged row shows exactly which tokens were added
+    keys = torch.eye(8)
+    keys[6, 2] = keys[0, 4] = 0.5  # token 6 is token 2's only similar key, token 0 is token 4's
+    red = prumerge(a, keys, h, k_neighbors=1)
+    red.validate(8, 8)
+    assert red.kept.tolist() == [2, 4]
+    assert red.kept[red.order].tolist() == [4, 2]  # official order
+    # the extra token: sum over the 6 pruned tokens of a_j * h_j (kept columns stay 0)
+    want_extra = a.clone()
+    want_extra[[2, 4]] = 0
+    assert torch.allclose(red.extra, want_extra[None])
+    # each keeper absorbs its most key-similar other token (original features, weight a_j)
+    assert torch.allclose(red.hidden[0], h[2] + a[6] * h[6])
+    assert torch.allclose(red.hidden[1], h[4] + a[0] * h[0])
+    assert prumerge(a, keys, h, extra_token=False).extra is None
+
+
+def test_prumerge_plus_official_arange_samples_and_order():
+    # m = 2 outliers of N = 8: ratio = 2/8, int(1 / ratio) = 4, int(4 / 3) = 1 -> arange(0, 7, 1);
+    # the official list is idx = [4, 2] followed by the samples not in idx, ascending: [0,1,3,5,6].
+    # Token 7 (= N - 1, the official arange(0, 575) bound) is never sampled.
+    a = torch.tensor([0.01, 0.02, 0.3, 0.01, 0.5, 0.01, 0.02, 0.01])
+    h = torch.eye(8)
+    red = prumerge(a, torch.randn(8, 4), h, plus=True)
+    red.validate(8, 8)
+    assert red.kept.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert red.kept[red.order].tolist() == [4, 2, 0, 1, 3, 5, 6]
+    assert torch.allclose(red.extra, a[7] * h[7][None])  # the one pruned token
+    # N = 576, 4 outliers: int(1 / (4/576)) = 144, int(144 / 3) = 48: samples 0, 48, ..., 528
+    a = torch.full((576,), 1e-3)
+    a[[5, 100, 300, 575]] = torch.tensor([0.2, 0.3, 0.1, 0.25])
+    red = prumerge(a, torch.randn(576, 4), torch.randn(576, 2), plus=True)
+    samples = list(range(0, 575, 48))
+    assert red.kept[red.order].tolist() == [100, 575, 5, 300, *samples]
+
+
+def test_hired_image_rows_official_rule():
+    # P = 3 crops (base + 2 sub-images) of V = 4 tokens, rate 0.5, alpha 0.5:
+    # total = int(3 * 4 * 0.5) = 6; base = min(int(6 * 0.5), 4) = 3; rest = min(6 - 3, 2 * 4) = 3.
+    # marked = top int(4 * 0.5) = 2 base tokens by layer-0 attention: tokens 0 and 1 (top row).
+    # raster chunks of 4 / 2 = 2 tokens: chunk 0 = {0, 1} -> 2 marks, chunk 1 = {2, 3} -> 0:
+    # budgets floor(1.0 * 3) = 3 and 0.
+    early = torch.tensor([0.4, 0.3, 0.1, 0.2])
+    late = torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.1, 0.2, 0.6, 0.1], [0.3, 0.1, 0.1, 0.5]])
+    got = hired_image_rows(late, early, 0.5, 0.5)
+    assert got.tolist() == [
+        [True, False, True, True],  # base: top 3 of the late attention
+        [True, True, True, False],  # 3 tokens: .6, .2, then the tie .1/.1 -> lower index
+        [False, False, False, False],
+    ]
+    # spatial layout: token 0 (row 0, col 0) counts for crop 0, token 1 (col 1) for crop 1: 1 and 1
+    spatial = hired_image_rows(late, early, 0.5, 0.5, layout="spatial", base_grid=(2, 2), crop_grid=(1, 2))
+    assert spatial.sum(1).tolist() == [3, 1, 1]
+    # LLaVA-1.5 (one crop): top int(V * rate)
+    assert hired_image_rows(late[:1], early, 0.5, 0.5).tolist() == [[True, False, True, False]]
+
+
+def test_hired_raster_chunks_when_crops_do_not_divide_the_base():
+    # V = 5 over 2 crops: chunks [0, 3) and [3, 5) (ceil(c V / n)); marks: top int(5 * .6) = 3
+    a = torch.tensor([0.5, 0.1, 0.4, 0.3, 0.05])
+    assert hired_crop_scores(a, (1, 5), (1, 2), 0.4, layout="raster").tolist() == [2.0, 1.0]
+
+
+def test_hired_budgets_official_float32_floor():
+    # the official (counts / counts.sum()).float32 * rest, then .int(): counts 9 and 13 of rest 22
+    # give 13 * (13/22 in float32) = 12.999999 -> 12 (the exact share is 13)
+    got = hired_budgets(torch.tensor([9.0, 13.0]), 22, 0.0, 576)
+    assert got.tolist() == [0, 9, 12]
+    assert hired_budgets(torch.tensor([9.0, 13.0]), 22, 0.0, 576, exact=True).tolist() == [0, 9, 13]
+
+
+def test_vispruner_crops_budget_per_encoder_image():
+    # two crops of 4 tokens; crop 0 is far more attended. keep_ratio 0.5 -> T = 2 per crop, all of
+    # them important (ratio 1): the top 2 of each crop (per sample it would be tokens 0-3).
+    attn = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1, 0.3, 0.2, 0.05])
+    crop = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    got = vispruner_crops(attn, torch.randn(8, 3), crop, 0.5, 1.0)
+    assert got.nonzero().squeeze(1).tolist() == [0, 1, 5, 6]
+    # LLaVA-NeXT "32 x 5 = 160": five 576-token crops at keep_ratio 32/576
+    crop = torch.arange(5).repeat_interleave(576)
+    got = vispruner_crops(torch.rand(2880), torch.randn(2880, 4), crop, 32 / 576, 0.5)
+    assert int(got.sum()) == 160 and torch.bincount(crop[got]).tolist() == [32] * 5
+
+
+def test_vispruner_similarity_in_the_model_dtype():
+    # no important token (ratio 0), keep 3 of 4: one pass, A = tokens 0 and 2 (attention order),
+    # B = 1 and 3; the A token with the highest max-similarity to B goes. In float32 token 2's
+    # (cos .0141 to token 3) beats token 0's (cos .0142 to token 1): token 2 goes. In bf16/fp16,
+    # the official dtype, both cosines round to 1: a tie, and the lower index (token 0) goes.
+    f = torch.tensor(
+        [[1.0, 0.0], [math.cos(0.0142), math.sin(0.0142)], [0.0, 1.0], [math.sin(0.0141), math.cos(0.0141)]]
+    )
+    a = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    assert vispruner_select(a, f, 3, 0.0).tolist() == [0, 1, 3]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert vispruner_select(a, f.to(dtype), 3, 0.0, dtype=dtype).tolist() == [1, 2, 3]
+
+
+def test_prumerge_empty_image_has_no_extra_token():
+    red = prumerge(torch.zeros(0), torch.zeros(0, 3), torch.zeros(0, 2))
+    assert red.num_kept == 0 and red.extra is None and red.order.numel() == 0

@@ -8,9 +8,12 @@ How the vision-encoder attention is obtained (no eager switch, no patched forwar
    encoder layers a method reads, and a forward hook on the module whose output rows become the
    LLM's visual tokens (the multimodal projector, Qwen's patch merger). The pre-hook receives the
    layer's (normed) input and recomputes that layer's queries and keys exactly as the module does
-   (its own projections, q/k norms, rotary embedding), then keeps only the signal a method needs:
-   * encoders with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, InternViT): the head-mean attention
-     of the [CLS] query over the patches (``pact.ops.vision.cls_attention``);
+   (its own projections, q/k norms, rotary embedding), then keeps only the signal a method needs
+   (`SignalSpec`):
+   * encoders with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, InternViT): the attention of the
+     [CLS] query over the patches (``pact.ops.vision.cls_attention``) as each official code reads
+     it: head mean (VisPruner, optionally in the model dtype), head sum (HiRED), or one head over
+     the full q/k width (PruMerge);
    * encoders without one (SigLIP in LLaVA-OneVision, the Qwen2-VL / Qwen2.5-VL ViTs): the documented
      substitute ``pact.ops.vision.mean_received_attention``, the mean attention each patch receives
      from all patches of its image (or of its attention window), computed in query chunks.
@@ -18,7 +21,9 @@ How the vision-encoder attention is obtained (no eager switch, no patched forwar
    one row per patch (CLIP, SigLIP; [CLS] dropped under the "default" feature strategy), the mean
    over the 2x2 patches of InternVL's pixel shuffle (the model's ``pixel_shuffle`` applied to the
    signal map) and of Qwen's merger (4 consecutive patches). LLaVA-OneVision videos additionally get
-   the model's own ``apply_pooling`` view.
+   the model's own ``apply_pooling`` view. On request the projector's input rows are recorded too
+   ("features": the encoder's selected-layer outputs the official methods compare and merge), and
+   every row carries the number of the encoder image (crop) it comes from.
 2. At the reduction layer every visual token of a sample is matched to the captured row it was
    built from: nearest row of its LLM input embedding (exact copies in every family; LLaVA-NeXT's
    unpadding, newline slots and batch order need no re-derivation, and it works in ``generate``,
@@ -36,6 +41,7 @@ from __future__ import annotations
 import math
 import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +56,10 @@ from pact.ops.vision import (
     cls_attention,
     hired_budgets,
     hired_crop_scores,
+    hired_image_rows,
     mean_received_attention,
     prumerge,
+    vispruner_crops,
     vispruner_select,
 )
 
@@ -123,6 +131,17 @@ class _Probe(ABC):
     def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
         """Extra (rows, values) views for tokens the model builds from the rows (default: none)."""
         return []
+
+    def row_crops(self, num_rows: int, segments: list[int], device: torch.device) -> torch.Tensor:
+        """(R,) the encoder image (segment) each output row comes from: equal shares per segment."""
+        per = num_rows // max(1, len(segments))
+        if per * len(segments) != num_rows:
+            return torch.zeros(num_rows, dtype=torch.long, device=device)
+        return torch.arange(len(segments), device=device).repeat_interleave(per)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Projector input rows (R, F) -> LLM input rows (R, D), by the model's own module."""
+        return self.rows_module()(features[None]).reshape(features.shape[0], -1)
 
 
 class _ClipProbe(_Probe):
@@ -213,6 +232,18 @@ class _QwenProbe(_Probe):
         unit = int(self.vlm.visual.spatial_merge_size) ** 2  # consecutive patches of one merged token
         return values.view(-1, unit, values.shape[-1]).mean(1)
 
+    def row_crops(self, num_rows: int, segments: list[int], device: torch.device) -> torch.Tensor:
+        unit = int(self.vlm.visual.spatial_merge_size) ** 2
+        lengths = torch.tensor([n // unit for n in segments], device=device)
+        if int(lengths.sum()) != num_rows:
+            return torch.zeros(num_rows, dtype=torch.long, device=device)
+        return torch.arange(len(segments), device=device).repeat_interleave(lengths)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        # the merger normalises each patch, then concatenates the 4 patches of a token
+        unit = int(self.vlm.visual.spatial_merge_size) ** 2
+        return self.rows_module()(features.reshape(features.shape[0] * unit, -1))
+
 
 _PROBES = {
     "llava": _ClipProbe,
@@ -228,33 +259,62 @@ _PROBES = {
 # Capture
 
 
+@dataclass(frozen=True)
+class SignalSpec:
+    """How one vision signal is read: encoder ``layer``; ``heads`` "mean" or "sum" of the per-head
+    [CLS] attention, or "one" = a single head over the full q/k width with scale C^-1/2 (PruMerge);
+    ``model_dtype``: compute the attention in the encoder's dtype (as an official fp16 run does)
+    instead of float32. Encoders without [CLS] get the substitute signal (heads "one" still merges
+    the heads into one)."""
+
+    layer: int
+    heads: str = "mean"
+    model_dtype: bool = False
+
+
 class VisionCapture:
     """Hooks that record, for every vision-encoder call, the rows sent to the LLM and per-row signals.
 
-    ``layers`` maps a signal name to an encoder layer index; each signal is the [CLS] attention (or
-    the substitute) of that layer, shape (R, 1); ``keys_of`` names the signals whose full-width keys
-    (R, H * d) are recorded too, as "<name>_keys". ``records`` holds one dict per call:
-    ``rows`` (R, D), ``values`` {name: (R, C)}, ``crop`` (R,) long (the image/crop of each row,
-    numbered across the calls of one prefill), plus extra views.
+    ``layers`` maps a signal name to an encoder layer index or a `SignalSpec`; each signal is the
+    [CLS] attention (or the substitute) of that layer, shape (R, 1); ``keys_of`` names the signals
+    whose full-width keys (R, H * d) are recorded too, as "<name>_keys"; ``features`` records the
+    projector's input rows (R, F) as "features" (the encoder's selected-layer output: VisPruner's
+    and PruMerge's official features). ``records`` holds one dict per call: ``rows`` (R, D),
+    ``values`` {name: (R, C)}, ``crop`` (R,) long (the encoder image/crop of each row, numbered across
+    the calls of one prefill; extra views get their own numbers), plus extra views.
     """
 
-    def __init__(self, adapter: Any, layers: dict[str, int], keys_of: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        adapter: Any,
+        layers: dict[str, int | SignalSpec],
+        keys_of: tuple[str, ...] = (),
+        features: bool = False,
+    ) -> None:
         family = adapter.family
         if family not in _PROBES:
             raise ValueError(f"vision-side methods do not support model family {family!r}")
         self.probe = _PROBES[family](adapter)
         n = len(self.probe.layers())
-        for name, layer in layers.items():
-            if not 0 <= layer < n:
+        specs = {k: v if isinstance(v, SignalSpec) else SignalSpec(int(v)) for k, v in layers.items()}
+        for name, spec in specs.items():
+            if not 0 <= spec.layer < n:
                 raise ValueError(
-                    f"vision signal {name!r} reads encoder layer {layer}; the encoder has {n} layers"
+                    f"vision signal {name!r} reads encoder layer {spec.layer}; the encoder has {n} layers"
                 )
-        self.layers = layers
+            if spec.heads not in ("mean", "sum", "one"):
+                raise ValueError(
+                    f"vision signal {name!r}: heads must be 'mean', 'sum' or 'one', got {spec.heads!r}"
+                )
+        self.specs = specs
+        self.layers = {k: v.layer for k, v in specs.items()}
         self.keys_of = keys_of
+        self.features = features
         self.records: list[dict[str, Any]] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._segments: list[int] = []
         self._crops = 0
+        self._muted = False
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -279,6 +339,29 @@ class VisionCapture:
         self._pending.clear()
         self._crops = 0
 
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Projector input rows (R, F) -> LLM input rows (R, D) (float32), without being recorded."""
+        module = self.probe.rows_module()
+        dtype = next(module.parameters()).dtype
+        self._muted = True
+        try:
+            return self.probe.project(features.to(dtype)).float()
+        finally:
+            self._muted = False
+
+    def _signal(self, spec: SignalSpec, qs: torch.Tensor, ks: torch.Tensor, scale: float) -> torch.Tensor:
+        """(S,) signal of one image's S encoder tokens ([CLS] first if the encoder has one)."""
+        if spec.heads == "one":  # one head over the full width (PruMerge's C^-1/2 attention)
+            qs, ks = qs.reshape(qs.shape[0], 1, -1), ks.reshape(ks.shape[0], 1, -1)
+            scale = qs.shape[-1] ** -0.5
+        dtype = qs.dtype if spec.model_dtype else torch.float32
+        if self.probe.has_cls:
+            heads = "sum" if spec.heads == "sum" else "mean"
+            patches = cls_attention(qs[0], ks[1:], ks[0], scale=scale, heads=heads, dtype=dtype)
+            return torch.cat([patches.max().reshape(1), patches])  # [CLS] row: most important
+        return mean_received_attention(qs, ks, scale=scale)
+
     def _attention_hook(self, names: list[str]) -> Any:
         probe = self.probe
 
@@ -286,16 +369,13 @@ class VisionCapture:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             q, k, segments = probe.qk(module, args, kwargs)
             scale = probe.scale(module)
-            scores = []
-            for qs, ks in zip(torch.split(q, segments), torch.split(k, segments), strict=True):
-                if probe.has_cls:
-                    patches = cls_attention(qs[0], ks[1:], ks[0], scale=scale)
-                    scores.append(torch.cat([patches.max().reshape(1), patches]))  # [CLS] row: most important
-                else:
-                    scores.append(mean_received_attention(qs, ks, scale=scale))
-            value = torch.cat(scores)[:, None]
             for name in names:
-                self._pending[name] = value
+                spec = self.specs[name]
+                scores = [
+                    self._signal(spec, qs, ks, scale)
+                    for qs, ks in zip(torch.split(q, segments), torch.split(k, segments), strict=True)
+                ]
+                self._pending[name] = torch.cat(scores)[:, None]
                 if name in self.keys_of:
                     self._pending[name + "_keys"] = k.flatten(1).float()
             self._segments = list(segments)
@@ -304,17 +384,21 @@ class VisionCapture:
 
     @torch.no_grad()
     def _rows_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._pending:
+        if self._muted or not self._pending:
             return
         out = output[0] if isinstance(output, tuple) else output
         rows = out.reshape(-1, out.shape[-1]).detach()
         segments = self._segments
         values = {name: self.probe.to_rows(v, segments) for name, v in self._pending.items()}
-        per_crop = rows.shape[0] // max(1, len(segments))
-        crop = torch.arange(len(segments), device=rows.device).repeat_interleave(per_crop) + self._crops
-        if crop.numel() != rows.shape[0]:
-            crop = torch.full((rows.shape[0],), self._crops, device=rows.device)
-        self._crops += len(segments)
+        if self.features:
+            inp = args[0].detach()
+            if inp.numel() % rows.shape[0]:
+                raise RuntimeError(
+                    f"vision capture: projector input of {inp.numel()} values for {rows.shape[0]} rows"
+                )
+            values["features"] = inp.reshape(rows.shape[0], -1)
+        crop = self.probe.row_crops(rows.shape[0], segments, rows.device) + self._crops
+        self._crops = int(crop.max()) + 1 if crop.numel() else self._crops
         for name, v in values.items():
             if v.shape[0] != rows.shape[0]:
                 raise RuntimeError(
@@ -323,9 +407,12 @@ class VisionCapture:
         record = {"rows": rows, "values": values, "crop": crop}
         self.records.append(record)
         for extra_rows, extra_values in self.probe.views(rows, values, segments):
-            # one view row per crop slice of equal size: the crop id of each view row
+            # one view row per crop slice of equal size; each view crop gets a new number (its rows
+            # are not the crop's rows: a per-crop rule must not mix the two)
             per_view = extra_rows.shape[0] // max(1, len(segments))
-            view_crop = crop.view(len(segments), -1)[:, :1].expand(-1, per_view).reshape(-1)
+            view_crop = torch.arange(len(segments), device=rows.device).repeat_interleave(per_view)
+            view_crop = view_crop + self._crops
+            self._crops += len(segments)
             self.records.append({"rows": extra_rows, "values": extra_values, "crop": view_crop})
         self._pending = {}
 
@@ -383,6 +470,10 @@ class VisionMethod(Method):
     why_not = ""
     keys_of: tuple[str, ...] = ()  # signals whose full-width keys are recorded too
 
+    def wants_features(self) -> bool:
+        """Record the projector's input rows ("features") too."""
+        return False
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         if getattr(config, "progressive", False):
@@ -391,8 +482,9 @@ class VisionMethod(Method):
             )
         self.capture: VisionCapture | None = None
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int]:
-        """Signal name -> vision-encoder layer whose [CLS] attention (or substitute) is recorded."""
+    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+        """Signal name -> vision-encoder layer (or `SignalSpec`) whose [CLS] attention (or
+        substitute) is recorded."""
         return {"attn": probe.select_layer()}
 
     def input_layers(self, num_layers: int) -> list[int]:
@@ -412,7 +504,9 @@ class VisionMethod(Method):
         if self.capture is not None:
             self.capture.detach()
         probe = _PROBES[adapter.family](adapter)
-        self.capture = VisionCapture(adapter, self.signal_layers(probe), self.keys_of)
+        self.capture = VisionCapture(
+            adapter, self.signal_layers(probe), self.keys_of, features=self.wants_features()
+        )
         self.capture.attach()
         return list(self.capture.handles)
 
@@ -427,8 +521,8 @@ class VisionMethod(Method):
         # `generate` the next prompt's encoder output may already be captured when this runs.
         return None
 
-    def token_signals(self, signals: Signals) -> dict[str, torch.Tensor]:
-        """Per visual token of the sample: {"embeds": (N, D), name: (N, C), "crop": (N,)}."""
+    def captured(self, signals: Signals) -> dict[str, torch.Tensor]:
+        """Every captured encoder row of this prefill: {"rows": (R, D), "crop": (R,), name: (R, C)}."""
         ctx = signals.context
         if "pact.vision.rows" not in ctx:
             records = self.capture.records if self.capture is not None else []
@@ -445,7 +539,12 @@ class VisionMethod(Method):
                 **{n: torch.cat([r["values"][n] for r in records]) for n in names},
             }
             self.capture.clear()  # consumed by this prefill
-        cap = ctx["pact.vision.rows"]
+        return ctx["pact.vision.rows"]
+
+    def token_signals(self, signals: Signals) -> dict[str, torch.Tensor]:
+        """Per visual token of the sample: {"embeds": (N, D), name: (N, C), "crop": (N,), "row": (N,)}
+        ("row": the captured row, see `captured`, the token was built from)."""
+        cap = self.captured(signals)
         hidden = signals.hidden if signals.layer == 0 else signals.layer_input(0)
         if hidden.shape[0] != signals.visual_mask.shape[0]:
             raise ValueError(f"{self.name} must be the first reduction of the sample")
@@ -458,6 +557,7 @@ class VisionMethod(Method):
             )
         out = {k: v.to(embeds.device)[best] for k, v in cap.items() if k != "rows"}
         out["embeds"] = embeds
+        out["row"] = best
         return out
 
     def keep_total(self, n: int) -> int:
@@ -465,25 +565,71 @@ class VisionMethod(Method):
         return keep_count(n, float(self.config.keep_ratio)) if target is None else target
 
 
+def _model_dtype(cfg: Any, x: torch.Tensor) -> torch.dtype:
+    """VisPruner's similarity dtype: the encoder's (official) or float32."""
+    return x.dtype if getattr(cfg, "vispruner_dtype", "model") == "model" else torch.float32
+
+
 @register("vispruner", "none")
 class VisPruner(VisionMethod):
     """VisPruner (ICCV'25): important tokens by [CLS] attention + diverse tokens by similarity removal.
 
-    Per sample (all its images together): the top ``floor(T * vispruner_important_ratio)`` tokens by
-    [CLS] attention of the encoder's selected layer, then the rest thinned by repeated bipartite
-    similarity removal (8 per pass) over the LLM input embeddings of the visual tokens, T =
-    ``int(N * keep_ratio)`` or the budget (VisPruner's "visual_token_num").
+    Official (defaults): every encoder image -- a LLaVA-1.5 image, each LLaVA-NeXT crop including the
+    base one, before unpadding -- keeps ``T = int(V * keep_ratio)`` of its V tokens
+    (``pact.ops.vision.vispruner_crops``): the top ``floor(T * vispruner_important_ratio)`` by the
+    head-mean [CLS] attention of the encoder's selected layer, then the rest thinned by repeated
+    bipartite similarity removal on the selected layer's features (the projector input), attention
+    and similarity in the model dtype. A visual token stays when the encoder token it was built from
+    was selected (tokens LLaVA-NeXT's unpadding removed are lost, as in the official code).
+
+    Options: ``vispruner_scope="sample"`` (one selection over all the sample's visual tokens),
+    ``vision_features="projector"`` (similarity on the LLM input embeddings), ``vispruner_dtype=
+    "float32"``. With a budget (``target_tokens`` / ``target_ratio``) the sample's budget is split
+    over its encoder images in proportion to their visual tokens (largest remainder) and each
+    selects among its tokens present in the sequence, so the budget is met exactly.
     """
 
     name = "vispruner"
 
+    def wants_features(self) -> bool:
+        return getattr(self.config, "vision_features", "encoder") == "encoder"
+
+    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+        model_dtype = getattr(self.config, "vispruner_dtype", "model") == "model"
+        return {"attn": SignalSpec(probe.select_layer(), "mean", model_dtype)}
+
     def reduce(self, signals: Signals) -> Reduction:
+        cfg = self.config
         sig = self.token_signals(signals)
         attn = sig["attn"][:, 0]
         n = signals.num_visual
-        kept = vispruner_select(
-            attn, sig["embeds"], self.keep_total(n), float(self.config.vispruner_important_ratio)
-        )
+        ratio = float(cfg.vispruner_important_ratio)
+        encoder = self.wants_features()
+        feats = sig["features"] if encoder else sig["embeds"]
+        dtype = _model_dtype(cfg, feats)
+        target = target_count(cfg, n)
+        if getattr(cfg, "vispruner_scope", "crop") == "sample":
+            kept = vispruner_select(attn, feats, self.keep_total(n), ratio, dtype=dtype)
+        elif target is None:  # official: per encoder image over all its tokens (before unpadding)
+            cap = self.captured(signals)
+            crop = cap["crop"].to(attn.device)
+            rows = torch.isin(crop, torch.unique(sig["crop"])).nonzero().squeeze(1)
+            row_feats = (cap["features"] if encoder else cap["rows"]).to(attn.device)[rows]
+            chosen = vispruner_crops(
+                cap["attn"].to(attn.device)[rows, 0], row_feats, crop[rows], float(cfg.keep_ratio), ratio,
+                dtype=dtype,
+            )  # fmt: skip
+            selected = torch.zeros(crop.numel(), dtype=torch.bool, device=attn.device)
+            selected[rows[chosen]] = True
+            kept = selected[sig["row"]].nonzero().squeeze(1)
+        else:  # budget: split over the encoder images by their tokens in the sequence
+            crops, counts = torch.unique(sig["crop"], return_counts=True)
+            budgets = _split(target, [c / n for c in counts.tolist()])
+            parts = []
+            for c, b in zip(crops.tolist(), budgets, strict=True):
+                members = (sig["crop"] == c).nonzero().squeeze(1)
+                parts.append(members[vispruner_select(attn[members], feats[members], b, ratio, dtype=dtype)])
+            kept = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=attn.device)
         return pruned_reduction(kept, n, signals.sizes, attn)
 
 
@@ -501,39 +647,67 @@ def _image_slices(groups: list[Group]) -> list[tuple[int, int, list[Group]]]:
 
 @register("none", "prumerge")
 class PruMerge(VisionMethod):
-    """PruMerge / PruMerge+ (``prumerge_plus``): per image, the tokens whose [CLS] attention is an IQR
-    outlier (or, with a budget, the top tokens) absorb their 32 most key-similar tokens weighted by
-    attention (``pact.ops.vision.prumerge``); the attention and keys come from the encoder layer after
-    the selected one (the original's layer 23 of 24 on LLaVA-1.5).
+    """PruMerge / PruMerge+ (``prumerge_plus``), per image as the official code
+    (``pact.ops.vision.prumerge``): the tokens whose [CLS] attention is an IQR outlier (or, with a
+    budget, the top tokens; PruMerge+ adds the 1-D ``arange`` samples of the flat token list) absorb
+    their 32 most key-similar tokens weighted by attention.
+
+    Official (defaults): the attention is ONE head over the full q/k width (scale C^-1/2) of the
+    encoder layer after the selected one (the original's layer 23 of 24 on LLaVA-1.5), the keys are
+    that layer's; the merge runs on the selected layer's features (the projector input) and the
+    model's projector maps the merged rows (and the extra token) into the LLM; the kept tokens are
+    emitted most-attended first (``Reduction.order``) and the extra token (attention-weighted sum of
+    every pruned token) follows them (``Reduction.extra``, one per image; not with a budget, which
+    counts every token the sample keeps).
+
+    Options: ``prumerge_attention="head_mean"`` (mean over the heads), ``vision_features=
+    "projector"`` (merge the LLM input embeddings), ``prumerge_sampling="lattice"`` (PruMerge+'s
+    samples on a 2-D lattice of the image grid), ``prumerge_extra_token=false``.
     """
 
     name = "prumerge"
     needs_merge = True
     keys_of = ("attn",)
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int]:
-        return {"attn": min(probe.select_layer() + 1, len(probe.layers()) - 1)}
+    def wants_features(self) -> bool:
+        return getattr(self.config, "vision_features", "encoder") == "encoder"
+
+    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+        heads = "one" if getattr(self.config, "prumerge_attention", "full_width") == "full_width" else "mean"
+        return {"attn": SignalSpec(min(probe.select_layer() + 1, len(probe.layers()) - 1), heads)}
 
     def reduce(self, signals: Signals) -> Reduction:
+        cfg = self.config
         sig = self.token_signals(signals)
         n = signals.num_visual
         hidden = signals.hidden[signals.visual_mask]
-        target = target_count(self.config, n)
-        plus = bool(getattr(self.config, "prumerge_plus", False))
+        encoder = self.wants_features()
+        feats = sig["features"] if encoder else hidden
+        target = target_count(cfg, n)
+        plus = bool(getattr(cfg, "prumerge_plus", False))
+        lattice = getattr(cfg, "prumerge_sampling", "arange") == "lattice"
+        # with a budget the sample keeps exactly K tokens: no extra token on top (equal budgets)
+        extra_token = bool(getattr(cfg, "prumerge_extra_token", True)) and target is None
         images = _image_slices(sample_groups(signals))
         parts: list[tuple[int, Reduction]] = []
         rates = [(b - a) / n for a, b, _ in images] if n else []
         budgets = _split(target, rates) if target is not None else [None] * len(images)
         for (start, stop, groups), budget in zip(images, budgets, strict=True):
-            grid = (groups[0].rows, groups[0].cols) if len(groups) == 1 else None
+            grid = (groups[0].rows, groups[0].cols) if len(groups) == 1 and lattice else None
             red = prumerge(
                 sig["attn"][start:stop, 0],
                 sig["attn_keys"][start:stop],
-                hidden[start:stop],
+                feats[start:stop],
                 plus=plus,
                 n_keep=budget,
                 grid_shape=grid,
+                extra_token=extra_token,
             )
+            if encoder:  # the official code merges encoder features, then projects them
+                assert self.capture is not None
+                red.hidden = self.capture.project(red.hidden)
+                if red.extra is not None:
+                    red.extra = self.capture.project(red.extra)
             parts.append((start, red))
         return _concat(parts, n, signals.sizes, hidden.device)
 
@@ -556,12 +730,22 @@ def _concat(
 ) -> Reduction:
     """One sample Reduction from per-image Reductions over consecutive token ranges (starting at ``start``).
 
+    Orders are concatenated image by image (each image's tokens stay in its own span); the extra
+    tokens of all images follow the sample's kept tokens, in image order.
+
     Sizes: the per-image sizes count members; with earlier merges (sizes > 1) they are re-weighted by
     the members' current sizes.
     """
     kept, labels, hidden, new_sizes = [], torch.full((n,), -1, dtype=torch.long, device=device), [], []
+    orders, extras, scores = [], [], []
     offset = 0
     for start, red in parts:
+        r = red.kept.numel()
+        orders.append((red.order if red.order is not None else torch.arange(r, device=device)) + offset)
+        if red.extra is not None:
+            extras.append(red.extra.float())
+        if red.scores is not None:
+            scores.append(red.scores.float())
         m = red.labels.numel()
         kept.append(red.kept + start)
         lab = red.labels
@@ -574,22 +758,36 @@ def _concat(
         new_sizes.append(s)
         offset += red.kept.numel()
     cat_hidden = torch.cat(hidden) if hidden and len(hidden) == len(parts) else None
+    order = torch.cat(orders) if orders else torch.zeros(0, dtype=torch.long, device=device)
+    in_order = bool(order.numel() == 0 or torch.equal(order, torch.arange(order.numel(), device=device)))
     return Reduction(
         kept=torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=device),
         sizes=torch.cat(new_sizes) if new_sizes else torch.zeros(0, device=device),
         hidden=cat_hidden,
         labels=labels,
+        scores=torch.cat(scores) if scores and len(scores) == len(parts) else None,
+        order=None if in_order else order,
+        extra=torch.cat(extras) if extras else None,
     )
 
 
 @register("hired", "none")
 class HiRED(VisionMethod):
-    """HiRED (AAAI'25): split each image's budget between its base image and sub-images (crops) with
-    the base image's [CLS] attention at encoder layer 0 (``hired_alpha`` = share of the base image;
-    the crops share the rest in proportion to the most-attended base tokens falling in each crop),
-    then keep the top tokens of each crop by [CLS] attention at the selected encoder layer. Images
-    without sub-images (LLaVA-1.5, OneVision multi-image) keep their top tokens. The per-image
-    budgets follow the images' token counts and add up exactly to ``int(N * keep_ratio)`` or the budget.
+    """HiRED (AAAI'25), per image as the official ``HiRED_token_selection``
+    (``pact.ops.vision.hired_image_rows``): an image of P encoder crops of V tokens (base image +
+    sub-images, before unpadding) gets ``int(P * V * keep_ratio)`` tokens; the base image
+    ``min(int(T * hired_alpha), V)``; the sub-images share the rest by how many of the base image's
+    top ``int(V (1 - alpha))`` layer-0 [CLS]-attention tokens fall in their contiguous raster chunk
+    of the base grid (floored); each crop keeps its top tokens by the [CLS] attention of the
+    selected encoder layer, summed over heads. Images without sub-images (LLaVA-1.5, OneVision
+    video frames) keep their top ``int(V * keep_ratio)``. A visual token stays when the encoder token
+    it was built from was selected: tokens lost to unpadding are not replaced, as in the official code.
+
+    Options: ``hired_layout="spatial"`` (a base token counts for the crop covering it). With a budget
+    (``target_tokens`` / ``target_ratio``) the sample's budget is split over its images by token
+    count, each image's split uses the same base/sub-image rule with the remainder handed out, over
+    the tokens present in the sequence, and a crop short of its share after unpadding passes the rest
+    to the image's best remaining tokens: the budget is met exactly.
     """
 
     name = "hired"
@@ -599,13 +797,64 @@ class HiRED(VisionMethod):
         "LLaVA-NeXT and LLaVA-OneVision (anyres) have"
     )
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int]:
-        return {"attn": probe.select_layer(), "early": 0}
+    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+        return {"attn": SignalSpec(probe.select_layer(), "sum"), "early": SignalSpec(0, "sum")}
 
-    def _image_keep(
+    @staticmethod
+    def _crop_grid(crop: torch.Tensor, grid: Group) -> tuple[int, int]:
+        """(rows, cols) of the sub-image crops, from the crop ids of the unpadded grid's tokens."""
+        crops = torch.unique(crop)
+        cols = max(1, torch.unique(crop[: grid.cols]).numel())
+        return max(1, crops.numel() // cols), cols
+
+    def _official_image(
+        self, sig: dict[str, torch.Tensor], cap: dict[str, torch.Tensor], start: int, groups: list[Group]
+    ) -> torch.Tensor:
+        """Selected captured rows (global indices) of one image, by the official rule."""
+        cfg = self.config
+        stop = groups[-1].start + groups[-1].size
+        tok_crop = sig["crop"][start:stop]
+        crop_all = cap["crop"].to(tok_crop.device)
+        grid = next((g for g in groups if g.kind == "grid"), None)
+        base = groups[0]
+        if grid is None:  # no sub-images: each encoder image keeps its top int(V * rate)
+            chosen = []
+            for c in torch.unique(tok_crop).tolist():
+                rows = (crop_all == c).nonzero().squeeze(1)
+                late = cap["attn"].to(rows.device)[rows, 0][None]
+                pick = hired_image_rows(late, late[0], float(cfg.keep_ratio), float(cfg.hired_alpha))
+                chosen.append(rows[pick[0]])
+            return torch.cat(chosen) if chosen else tok_crop.new_zeros(0)
+        base_crops = torch.unique(tok_crop[: base.size])
+        if base_crops.numel() != 1:
+            raise ValueError(
+                f"{self.name}: the base image's tokens come from {base_crops.numel()} encoder crops"
+            )
+        first = int(base_crops[0])
+        grid_crop = tok_crop[grid.start - start : grid.start - start + grid.size]
+        n_crops = int(grid_crop.max()) - first + 1  # P: the base crop and every sub-image
+        rows = [(crop_all == first + i).nonzero().squeeze(1) for i in range(n_crops)]
+        v = rows[0].numel()
+        if any(r.numel() != v for r in rows):
+            raise ValueError(f"{self.name}: the crops of one image have different token counts")
+        idx = torch.stack(rows)  # (P, V)
+        late = cap["attn"].to(idx.device)[idx, 0]
+        early = cap["early"].to(idx.device)[idx[0], 0]
+        pick = hired_image_rows(
+            late,
+            early,
+            float(cfg.keep_ratio),
+            float(cfg.hired_alpha),
+            layout=getattr(cfg, "hired_layout", "raster"),
+            base_grid=(base.rows, base.cols),
+            crop_grid=self._crop_grid(grid_crop, grid),
+        )
+        return idx[pick]
+
+    def _budget_image(
         self, sig: dict[str, torch.Tensor], start: int, groups: list[Group], budget: int
     ) -> torch.Tensor:
-        """Kept token indices (sample-level) of one image."""
+        """Kept token indices (sample-level) of one image under a budget: exactly ``budget``."""
         stop = groups[-1].start + groups[-1].size
         late = sig["attn"][start:stop, 0]
         base = groups[0]
@@ -615,12 +864,13 @@ class HiRED(VisionMethod):
         crop = sig["crop"][start:stop]
         grid_crops = crop[grid.start - start : grid.start - start + grid.size]
         crops = torch.unique(grid_crops)  # ascending = row-major crop order
-        first_row = torch.unique(grid_crops[: grid.cols])
-        cols = max(1, first_row.numel())
-        rows = max(1, crops.numel() // cols)
         early = sig["early"][start : start + base.size, 0]
         shares = hired_crop_scores(
-            early, (base.rows, base.cols), (rows, cols), float(self.config.hired_alpha)
+            early,
+            (base.rows, base.cols),
+            self._crop_grid(grid_crops, grid),
+            float(self.config.hired_alpha),
+            layout=getattr(self.config, "hired_layout", "raster"),
         )
         if shares.numel() != crops.numel():  # a crop lost to unpadding: share uniformly
             shares = torch.ones(crops.numel(), device=late.device)
@@ -643,8 +893,20 @@ class HiRED(VisionMethod):
     def reduce(self, signals: Signals) -> Reduction:
         sig = self.token_signals(signals)
         n = signals.num_visual
+        device = signals.hidden.device
         images = _image_slices(sample_groups(signals))
-        budgets = _split(self.keep_total(n), [(b - a) / n for a, b, _ in images] if n else [])
-        kept = [self._image_keep(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)]
-        kept_all = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=signals.hidden.device)
+        target = target_count(self.config, n)
+        if target is None:
+            cap = self.captured(signals)
+            rows = [self._official_image(sig, cap, a, gs) for a, _, gs in images]
+            selected = torch.zeros(cap["crop"].numel(), dtype=torch.bool, device=device)
+            if rows:
+                selected[torch.cat(rows).to(device)] = True
+            kept_all = selected[sig["row"]].nonzero().squeeze(1)
+        else:
+            budgets = _split(target, [(b - a) / n for a, b, _ in images] if n else [])
+            kept = [
+                self._budget_image(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)
+            ]
+            kept_all = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=device)
         return pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])

@@ -28,10 +28,12 @@ __all__ = [
     "cls_attention",
     "hired_budgets",
     "hired_crop_scores",
+    "hired_image_rows",
     "hired_select",
     "iqr_outliers",
     "mean_received_attention",
     "prumerge",
+    "vispruner_crops",
     "vispruner_select",
 ]
 
@@ -57,34 +59,45 @@ def cls_attention(
     k: torch.Tensor,
     k_cls: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    heads: Literal["mean", "sum"] = "mean",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Head-mean softmax attention of the [CLS] query over the N patch keys.
+    """Softmax attention of the [CLS] query over the N patch keys, reduced over heads.
 
-    ``a_n = (1/H) sum_h softmax_j(q_cls,h . k_j,h * scale)_n``. If ``k_cls`` is given the [CLS] key
-    takes part in the softmax (as in the encoder, where [CLS] attends to itself too) and its column
-    is dropped afterwards, so the result sums to less than 1; otherwise the softmax runs over the
-    patches only. PruMerge's attention (one head over the full width C, scale C^-1/2, [CLS] inside
-    the softmax) is ``H = 1, d = C`` with ``k_cls`` given.
+    ``a_n = (1/H) sum_h softmax_j(q_cls,h . k_j,h * scale)_n`` (``heads="mean"``: VisPruner, the
+    encoders' ``attentions[...].mean(1)``; ``heads="sum"``: HiRED sums over heads). If ``k_cls`` is
+    given the [CLS] key takes part in the softmax (as in the encoder, where [CLS] attends to itself
+    too) and its column is dropped afterwards, so the result sums to less than 1; otherwise the
+    softmax runs over the patches only. PruMerge's attention (one head over the full width C, scale
+    C^-1/2, [CLS] inside the softmax) is ``H = 1, d = C`` with ``k_cls`` given.
 
     Args:
         q_cls: (H, d) [CLS] query per head. k: (N, H, d) patch keys. k_cls: optional (H, d).
         scale: logit scale, default 1/sqrt(d).
+        heads: "mean" or "sum" over heads.
+        dtype: compute dtype of logits, softmax and head reduction: float32 (default), or the model
+            dtype to reproduce an official implementation that computes there (the query is scaled
+            before the product, as CLIP's eager attention does).
     Returns:
-        float32 (N,).
+        (N,) float32 (values computed in ``dtype``).
     """
     if q_cls.dim() != 2 or k.dim() != 3 or k.shape[1:] != q_cls.shape:
         raise ValueError(f"expected q_cls (H, d) and k (N, H, d), got {tuple(q_cls.shape)}, {tuple(k.shape)}")
+    if heads not in ("mean", "sum"):
+        raise ValueError(f"heads must be 'mean' or 'sum', got {heads!r}")
     d = q_cls.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q = q_cls.detach().to(torch.float32)
-    logits = torch.einsum("hd,nhd->hn", q, k.detach().to(torch.float32)) * scale  # (H, N)
+    q = q_cls.detach().to(dtype) * scale
+    logits = torch.einsum("hd,nhd->hn", q, k.detach().to(dtype))  # (H, N)
     if k_cls is not None:
-        self_logit = (q * k_cls.detach().to(torch.float32)).sum(-1, keepdim=True) * scale  # (H, 1)
+        self_logit = (q * k_cls.detach().to(dtype)).sum(-1, keepdim=True)  # (H, 1)
         logits = torch.cat([self_logit, logits], dim=1)
     probs = torch.softmax(logits, dim=-1)
     if k_cls is not None:
         probs = probs[:, 1:]
-    return probs.mean(dim=0)
+    reduced = probs.mean(dim=0) if heads == "mean" else probs.sum(dim=0)
+    return reduced.float()
 
 
 def mean_received_attention(
@@ -131,6 +144,8 @@ def vispruner_select(
     n_keep: int,
     important_ratio: float,
     step: int = 8,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """VisPruner (ICCV'25): keep important tokens by [CLS] attention, then diverse ones by similarity.
 
@@ -151,6 +166,9 @@ def vispruner_select(
             similarity (the official code: the encoder's selected-layer outputs).
         n_keep: tokens to keep T (clamped to [0, N]). important_ratio: r in [0, 1].
         step: tokens removed per pass (8 in the official code).
+        dtype: dtype of the normalised features and their similarities: float32 (default) or the
+            model dtype, as the official code computes (``x / x.norm()`` and the products in the
+            encoder's dtype; rounding there can turn close similarities into ties).
     Returns:
         LongTensor[min(n_keep, N)] ascending kept indices.
     """
@@ -170,8 +188,12 @@ def vispruner_select(
     n_diverse = n_keep - n_important
     order = _top(a, n)
     important, residual = order[:n_important], order[n_important:]
-    xr = normalize_rows(features[residual])
-    sim = xr @ xr.T  # one (R0, R0) matrix; each pass gathers its A x B block
+    if dtype == torch.float32:
+        xr = normalize_rows(features[residual])
+    else:
+        xr = features[residual].detach().to(dtype)
+        xr = xr / torch.linalg.vector_norm(xr, dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    sim = (xr @ xr.T).float()  # one (R0, R0) matrix; each pass gathers its A x B block
     pos = torch.arange(residual.numel(), device=a.device)  # current list, as rows of `sim`
     while True:
         excess = pos.numel() - n_diverse
@@ -225,31 +247,34 @@ def prumerge(
     normalize: bool = False,
     grid_shape: tuple[int, int] | None = None,
     plus_attention_share: float = 0.25,
+    extra_token: bool = True,
 ) -> Reduction:
     """PruMerge / PruMerge+ (LLaVA-PruMerge): adaptive selection by [CLS]-attention outliers, then
     each kept token absorbs its most key-similar tokens.
 
-    Selection:
+    Selection, in the official output order (``Reduction.order``):
 
-    * adaptive (``n_keep=None``): keep the IQR outliers of the [CLS] attention (`iqr_outliers`); if
-      there are none, the single most-attended token is kept (the original would keep zero tokens
-      plus its extra token, which has no slot here).
-    * PruMerge+ (``plus=True``) adds spatially uniform samples: with m outliers among N tokens,
-      stride ``s = max(1, (N // m) // 3)`` and the raster indices ``0, s, 2s, ... < N - 1`` (the
-      original's ``arange(0, 575, s)`` for N = 576). With ``grid_shape=(rows, cols)`` the samples are
-      a 2-D lattice with the real-valued stride ``sqrt(s)`` on both axes instead (rows and columns
-      ``floor(i * sqrt(s))``: about as many tokens, uniform in 2-D rather than along the raster).
+    * adaptive (``n_keep=None``): the m IQR outliers of the [CLS] attention (`iqr_outliers`), most
+      attended first (the official ``topk(cls_attn, int(N * m / N))``). With no outlier the single
+      most-attended token is kept (the official code keeps none and, for PruMerge+, divides by zero).
+    * PruMerge+ (``plus=True``) then appends the spatially uniform samples that are not outliers, in
+      ascending raster order: with ``ratio = m / N`` (a float, as the official code), stride
+      ``s = max(1, int(int(1 / ratio) / 3))`` and the flat indices ``arange(0, N - 1, s)`` (the
+      official ``arange(0, 575, s)`` for N = 576; it crashes when s would be 0, here s >= 1). With
+      ``grid_shape=(rows, cols)`` the samples are instead a 2-D lattice with the real-valued stride
+      ``sqrt(s)`` on both axes (rows and columns ``floor(i * sqrt(s))``: about as many tokens,
+      uniform in 2-D rather than along the raster; not the official rule).
     * budget (``n_keep`` given, for equal-budget tables): exactly ``min(n_keep, N)`` tokens -- the top
       ``n_keep`` by attention, or with ``plus`` the top ``max(1, round(plus_attention_share * n_keep))``
-      by attention plus evenly spaced raster samples among the others (PruMerge+ keeps about one
-      outlier for three uniform samples, hence the default share 0.25).
+      by attention then evenly spaced raster samples among the others (PruMerge+ keeps about one
+      outlier for three uniform samples, hence the default share 0.25); same output order.
 
-    Merge: each kept token i takes its ``k_neighbors`` (32) most key-similar other tokens J_i (cosine,
-    among all N tokens) and becomes ``h_i + sum_{j in J_i} a_j h_j`` with ``a`` the [CLS] attention --
-    the original's un-normalised update; ``normalize=True`` gives the weighted mean
-    ``(a_i h_i + sum a_j h_j) / (a_i + sum a_j)`` instead. The original also appends one extra token
-    (the attention-weighted sum of all pruned tokens); a `Reduction` cannot place a token without a
-    slot, so it is omitted.
+    Merge (as the official code): each kept token i takes its ``k_neighbors`` (32) most key-similar
+    other tokens J_i (cosine, among all N tokens, kept ones included) and becomes
+    ``h_i + sum_{j in J_i} a_j h_j`` with ``a`` the [CLS] attention and ``h`` the ORIGINAL features;
+    ``normalize=True`` gives the weighted mean ``(a_i h_i + sum a_j h_j) / (a_i + sum a_j)`` instead.
+    ``extra_token``: one more token, ``sum_{j not kept} a_j h_j`` over every pruned token, placed
+    after the kept ones (``Reduction.extra``, as the official code appends it last).
 
     Bookkeeping: neighbourhoods overlap, but a Reduction needs a partition. Every pruned token that
     was absorbed by at least one kept token is labelled with the most similar of those (ties -> lower
@@ -264,8 +289,11 @@ def prumerge(
         iqr_coef: IQR multiplier (1.5). normalize: weighted mean instead of the original update.
         grid_shape: (rows, cols) with rows * cols = N for 2-D uniform samples (plus mode only).
         plus_attention_share: attention share of the budget in budget + plus mode.
+        extra_token: add the attention-weighted sum of the pruned tokens as ``extra`` (1, D).
     Returns:
-        Reduction with float32 hidden, sizes, labels (index into kept) and scores = cls_attn.
+        Reduction with float32 hidden, sizes, labels (index into kept), scores = cls_attn,
+        order (LongTensor[R], the official order as a permutation of ``kept``) and extra (float32
+        (1, D) or None).
     """
     a = _vector(cls_attn, "cls_attn")
     n = a.numel()
@@ -278,16 +306,17 @@ def prumerge(
     h = hidden.detach().to(torch.float32)
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=device)
-        return Reduction(kept=e, sizes=torch.zeros(0, device=device), hidden=h, labels=e.clone(), scores=a)
+        return Reduction(
+            kept=e, sizes=torch.zeros(0, device=device), hidden=h, labels=e.clone(), scores=a, order=e.clone()
+        )  # no token, nothing pruned: no extra token either
 
-    selected = torch.zeros(n, dtype=torch.bool, device=device)
     if n_keep is None:
-        selected = iqr_outliers(a, iqr_coef)
-        if not bool(selected.any()):
-            selected[_top(a, 1)] = True
+        outliers = iqr_outliers(a, iqr_coef)
+        m = max(1, int(outliers.sum()))  # no outlier: the most-attended token
+        chosen = _top(a, m)  # attention descending (the official topk order)
         if plus:
-            m = int(selected.sum())
-            stride = max(1, (n // m) // 3)
+            ratio = m / n  # the official float arithmetic: int(1 / ratio), then / 3
+            stride = max(1, int(int(1 / ratio) / 3))
             if grid_shape is not None:
                 rows, cols = grid_shape
                 if rows * cols != n:
@@ -299,18 +328,24 @@ def prumerge(
                     return torch.floor(steps * s2).long()
 
                 r_idx, c_idx = lattice(rows), lattice(cols)
-                samples = (r_idx[:, None] * cols + c_idx[None, :]).reshape(-1)
+                samples = (r_idx[:, None] * cols + c_idx[None, :]).reshape(-1).sort().values
             else:
                 samples = torch.arange(0, n - 1, stride, device=device)
-            selected[samples] = True
+            is_chosen = torch.zeros(n, dtype=torch.bool, device=device)
+            is_chosen[chosen] = True
+            chosen = torch.cat([chosen, samples[~is_chosen[samples]]])
     else:
         budget = max(0, min(int(n_keep), n))
         n_att = budget if not plus else min(budget, max(1, round(plus_attention_share * budget)))
-        selected[_top(a, n_att)] = True
+        chosen = _top(a, n_att)
         if budget > n_att:
-            selected[_evenly_spaced((~selected).nonzero().squeeze(1), budget - n_att)] = True
-    kept = selected.nonzero().squeeze(1)
+            rest = torch.ones(n, dtype=torch.bool, device=device)
+            rest[chosen] = False
+            chosen = torch.cat([chosen, _evenly_spaced(rest.nonzero().squeeze(1), budget - n_att)])
+    kept, pos = torch.sort(chosen)  # kept[j] = chosen[pos[j]]
     r = kept.numel()
+    order = torch.empty_like(pos)
+    order[pos] = torch.arange(r, device=device)  # kept[order[i]] = chosen[i]: the official order
 
     kn = normalize_rows(keys)
     sim = kn[kept] @ kn.T  # (R, N)
@@ -329,6 +364,11 @@ def prumerge(
         merged = (w_self[:, None] * h[kept] + weights @ h) / total[:, None]
     else:
         merged = h[kept] + weights @ h
+    extra = None
+    if extra_token:
+        pruned = torch.ones(n, dtype=torch.bool, device=device)
+        pruned[kept] = False
+        extra = (a[pruned][None, :] @ h[pruned]).reshape(1, -1)
 
     absorbed[:, kept] = False  # kept tokens represent themselves
     labels = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -337,7 +377,7 @@ def prumerge(
         labels = torch.where(absorbed.any(dim=0), best, labels)
     labels[kept] = rows
     sizes = cluster_sizes(labels, r)
-    return Reduction(kept=kept, sizes=sizes, hidden=merged, labels=labels, scores=a)
+    return Reduction(kept=kept, sizes=sizes, hidden=merged, labels=labels, scores=a, order=order, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +398,10 @@ def hired_crop_scores(
     marked tokens inside its region. ``layout="spatial"`` maps base token (y, x) on the
     ``base_grid = (h, w)`` to crop ``(y * rows // h, x * cols // w)`` of the ``crop_grid = (rows, cols)``
     (the crop that covers it). ``layout="raster"`` reproduces the official code, which reshapes the
-    raster-ordered base tokens to (rows, cols, -1), i.e. gives crop c the c-th contiguous chunk of
-    V / (rows * cols) raster tokens (horizontal bands rather than the crop's region).
+    raster-ordered base tokens to (rows, cols, -1), i.e. gives crop c (row-major) the c-th contiguous
+    chunk of V / (rows * cols) raster tokens (horizontal bands rather than the crop's region). When
+    V is not a multiple of the crop count n (the official reshape fails) chunk c is the raster range
+    ``[ceil(c V / n), ceil((c + 1) V / n))``, the same chunks whenever they divide evenly.
 
     Args:
         base_cls_attn: (V,) [CLS] attention of the base image, V = h * w.
@@ -383,9 +425,8 @@ def hired_crop_scores(
     marked[_top(a, int(v * (1.0 - alpha)))] = True
     n_crops = rows * cols
     if layout == "raster":
-        if v % n_crops:
-            raise ValueError(f"raster layout needs V={v} divisible by the {n_crops} crops")
-        return marked.reshape(n_crops, -1).sum(dim=1).to(torch.float32)
+        chunk = torch.arange(v, device=a.device) * n_crops // v  # c for raster index in chunk c
+        return torch.zeros(n_crops, device=a.device).index_add_(0, chunk, marked.to(torch.float32))
     y = torch.arange(h, device=a.device)[:, None].expand(h, w).reshape(-1)
     x = torch.arange(w, device=a.device)[None, :].expand(h, w).reshape(-1)
     crop = (y * rows // h) * cols + (x * cols // w)
@@ -406,9 +447,11 @@ def hired_budgets(
     ``base = min(int(T * alpha), V_base)``, ``rest = min(T - base, n_crops * V_crop)``, and crop i gets
     ``min(floor(share_i * rest), V_crop)`` with ``share_i = crop_scores_i / sum(crop_scores)``
     (uniform shares if every score is 0). Note that HiRED's alpha is the fraction of the budget given
-    to the base image; the crops' split is entirely attention-driven. The floors can leave up to
-    n_crops tokens unspent, as in the original; ``exact=True`` hands the remainder out one token per
-    crop by largest fractional part (ties -> lower crop), then to the base image, so exactly
+    to the base image; the crops' split is entirely attention-driven. The shares are computed as the
+    official code does, ``(share_i * rest).int()`` with ``share_i`` a float32 ratio (so an exact
+    integer share can come out one token lower); the floors can leave up to n_crops tokens unspent,
+    as in the original. ``exact=True`` computes the ideal shares in float64 and hands the remainder
+    out one token per crop by largest fractional part (ties -> lower crop), then to the base image, so exactly
     ``min(T, capacity)`` tokens are kept (use it for equal-budget tables). Without crops the base
     image gets ``min(T, V_base)``.
 
@@ -434,10 +477,12 @@ def hired_budgets(
         return out
     base = min(int(total * alpha), v_base)
     rest = min(total - base, n_crops * tokens_per_crop)
-    # float64 and multiply-before-divide: an exact integer share is not floored one token down by
-    # rounding (the original's float32 ratio can lose that token).
-    sd = s.double() if float(s.sum()) > 0 else torch.ones_like(s, dtype=torch.float64)
-    ideal = sd * rest / sd.sum()
+    if exact:  # float64, multiply before divide: an exact integer share stays exact
+        sd = s.double() if float(s.sum()) > 0 else torch.ones_like(s, dtype=torch.float64)
+        ideal = sd * rest / sd.sum()
+    else:  # the official float32 `budget_ratio = counts / counts.sum(); (budget_ratio * rest).int()`
+        sf = s.float() if float(s.sum()) > 0 else torch.ones_like(s, dtype=torch.float32)
+        ideal = (sf / sf.sum()) * rest
     crops = torch.clamp(torch.floor(ideal).long(), max=tokens_per_crop)
     if exact:
         left = rest - int(crops.sum())
@@ -483,3 +528,92 @@ def hired_select(
     if not kept:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat([k + off for k, off in zip(kept, offsets, strict=True)])
+
+
+def hired_image_rows(
+    late_attn: torch.Tensor,
+    early_base_attn: torch.Tensor,
+    rate: float,
+    alpha: float,
+    layout: Literal["spatial", "raster"] = "raster",
+    base_grid: tuple[int, int] | None = None,
+    crop_grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """HiRED's official selection for ONE image over its encoder crops, before any unpadding.
+
+    The official ``HiRED_token_selection`` with P crops of V tokens (crop 0 = the base image, then
+    the sub-images in row-major order): total budget ``int(P * V * rate)``, base budget
+    ``min(int(total * alpha), V)``, the rest split over the sub-images by `hired_crop_scores` (the
+    base image's top ``int(V (1 - alpha))`` early-layer tokens counted per raster chunk) and
+    `hired_budgets` (float32 ratio, floored, capped at V); each crop then keeps its top tokens by the
+    late-layer attention. With P = 1 (LLaVA-1.5) the image keeps its top ``min(V, int(V * rate))``.
+    Tokens a model later removes (LLaVA-NeXT's unpadding) are simply lost, as in the official code.
+
+    Args:
+        late_attn: (P, V) [CLS] attention of each crop at the selection layer (official: layer 22,
+            summed over heads). early_base_attn: (V,) the base image's layer-0 [CLS] attention.
+        rate: token budget rate in [0, 1]. alpha: HiRED's alpha in [0, 1].
+        layout: share layout of `hired_crop_scores`; "spatial" needs ``base_grid`` and ``crop_grid``.
+        base_grid: (h, w) with h * w = V (default: square). crop_grid: (rows, cols) of the P - 1
+            sub-images (default: one row).
+    Returns:
+        BoolTensor (P, V), True at the selected tokens of each crop.
+    """
+    if late_attn.dim() != 2:
+        raise ValueError(f"late_attn must be (P, V), got {tuple(late_attn.shape)}")
+    check_finite(late_attn=late_attn)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    p, v = late_attn.shape
+    late = late_attn.detach().float()
+    chosen = torch.zeros(p, v, dtype=torch.bool, device=late.device)
+    if p == 0:
+        return chosen
+    if p == 1:
+        chosen[0, _top(late[0], min(v, int(v * rate)))] = True
+        return chosen
+    if base_grid is None:
+        side = math.isqrt(v)
+        base_grid = (side, v // side) if side * side == v else (1, v)
+    if crop_grid is None:
+        crop_grid = (1, p - 1)
+    shares = hired_crop_scores(early_base_attn, base_grid, crop_grid, alpha, layout=layout)
+    total = int(p * v * rate)
+    budgets = hired_budgets(shares, total, alpha, v).tolist()
+    for c, b in enumerate(budgets):
+        chosen[c, _top(late[c], min(int(b), v))] = True
+    return chosen
+
+
+def vispruner_crops(
+    cls_attn: torch.Tensor,
+    features: torch.Tensor,
+    crop: torch.Tensor,
+    keep_ratio: float,
+    important_ratio: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """VisPruner's official per-image budget: every encoder image (a LLaVA-1.5 image, each
+    LLaVA-NeXT crop, base included) keeps ``T = int(V_c * keep_ratio)`` of its own V_c tokens by
+    `vispruner_select` ("32 x 5 = 160" tokens for a 5-crop LLaVA-NeXT image at T = 32).
+
+    Args:
+        cls_attn: (R,) [CLS] attention of every encoder token. features: (R, F) their features (the
+            encoder's selected-layer outputs). crop: (R,) the encoder image of each token.
+        keep_ratio: T / V_c in [0, 1]. important_ratio: VisPruner's r. dtype: similarity dtype.
+    Returns:
+        BoolTensor (R,), True at the selected tokens.
+    """
+    a = _vector(cls_attn, "cls_attn")
+    if crop.shape != a.shape:
+        raise ValueError(f"crop must have shape {tuple(a.shape)}, got {tuple(crop.shape)}")
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+    chosen = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    for c in torch.unique(crop).tolist():
+        members = (crop == c).nonzero().squeeze(1)
+        t = int(members.numel() * keep_ratio)
+        sel = vispruner_select(a[members], features[members], t, important_ratio, dtype=dtype)
+        chosen[members[sel]] = True
+    return chosen
