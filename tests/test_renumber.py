@@ -479,3 +479,39 @@ def test_renumber_merged_and_reordered_rows_land_in_their_slots(family):
         stock = model.lm_head(hidden.last_hidden_state)[0]
     rows = [r for r, t in enumerate(source) if t >= 0]
     torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_bundled_prumerge_equals_stock_model_on_its_official_short_sequence(plus):
+    """prumerge.json end to end on tiny LLaVA-1.5: the engine places PruMerge's kept tokens in its
+    official (attention-descending) order, with their merged rows, its extra token right after them,
+    renumbered positions: the same logits as the stock model fed that short sequence."""
+    from pact.methods.base import build_method
+
+    model, _ = model_for("llava", "sdpa")
+    x = inputs_for("llava", [one_image("llava")])
+    cfg = pact.load_config("prumerge", prumerge_plus=plus)
+    method = build_method(cfg)
+    seen: list[Reduction] = []
+    original_reduce = method.reduce
+
+    def recording_reduce(signals: Signals) -> Reduction:
+        seen.append(original_reduce(signals))
+        return seen[-1]
+
+    method.reduce = recording_reduce
+    pact.api.apply(model, cfg, method=method)
+    with torch.no_grad():
+        reduced = model(**x).logits[0]
+    record = pact.api.stats(model).records[0][0]
+    pact.api.remove(model)
+    red = seen[-1]
+    assert red.num_extra == 1 and record.extra == 1
+    if plus:
+        assert red.num_kept > 2 and not torch.equal(red.order, torch.arange(red.num_kept))
+    source, short = shortened(model, x, record, red.extra, merged=red.hidden)
+    with torch.no_grad():
+        hidden = get_adapter(model).text_model(inputs_embeds=short[None]).last_hidden_state
+        stock = model.lm_head(hidden)[0]
+    rows = [r for r, t in enumerate(source) if t >= 0]
+    torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
