@@ -255,3 +255,28 @@ def test_cli_is_a_pact_subcommand(capsys):
 
     assert "calibrate" in cli.usage()
     assert cli.main(["calibrate", "--threshold", "0"]) == 2
+
+
+def test_videos_from_a_file_and_from_a_frame_folder(tmp_path):
+    """Video inputs: frames sampled uniformly (first and last included) from a video file (PyAV) or
+    a folder of frame images sorted by name."""
+    av = pytest.importorskip("av")
+    frames = testing.sample_video(0, num_frames=6, size=(64, 48))
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    decoded = cal.load_video(path, 3)
+    assert len(decoded) == 3 and all(f.size == (64, 48) for f in decoded)
+    assert cal._uniform(6, 3) == [0, 2, 5] and cal._uniform(2, 5) == [0, 1] and cal._uniform(9, 1) == [0]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        frame.save(folder / f"f{i:02d}.png")
+    picked = cal.load_video(folder, 3)
+    assert [f.tobytes() for f in picked] == [frames[i].tobytes() for i in (0, 2, 5)]
+    with pytest.raises(ValueError, match="no image files"):
+        cal.load_video(tmp_path, 3)  # holds a video and a folder, no frame images
