@@ -1,4 +1,4 @@
-"""The `pact` command line: demo, bench, methods, report, plot, config.
+"""The `pact` command line: demo, bench, methods, report, plot, config, calibrate.
 
 Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only dispatches,
 so `pact --help` stays fast (heavy imports happen inside the chosen subcommand).
@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("pact.config", "print the effective configuration of a JSON file plus overrides"),
     "report": ("pact.eval.report", "per-benchmark table of evaluation runs against their no-reduction runs"),
     "plot": ("pact.eval.plot", "metric ratio vs reduction ratio figure from evaluation runs"),
+    "calibrate": ("pact.calibrate", "choose the reduction layer L (and DBDPC cutoff); write a config"),
 }
 
 

@@ -290,6 +290,48 @@ def test_method_scripts_give_valid_configs():
     assert ratios == [0.5, 0.7]
 
 
+def test_ablation_scripts_give_valid_configs():
+    """The three ablation scripts (paper Fig. 8, 9, 10): every run is a valid configuration at the
+    requested target ratio, variants carry distinct labels, and each task has its no-reduction run."""
+    from pact.eval.metrics import method_label
+
+    def labelled(script: str, **env: str) -> list[tuple[str, object]]:
+        cmds = [c for c in _dry_run(script, **{"TASKS": "a", "RATIOS": "0.5 0.7", **env}) if "--model" in c]
+        configs = _check_commands(cmds)
+        return [
+            (_model_args(cmd).get("label") or method_label(cfg.to_dict()), cfg)
+            for cmd, cfg in zip(cmds, configs, strict=True)
+        ]
+
+    clustering = labelled("ablation_clustering.sh")
+    assert [label for label, _ in clustering] == ["no_reduction"] + [
+        m for m in ("dbdpc", "agglomerative_single", "kmeans", "dpc", "dbscan") for _ in (0.5, 0.7)
+    ]
+    assert all(c.pruning == "none" and c.target_ratio in (0.5, 0.7) for _, c in clustering[1:])
+
+    euti = dict(labelled("ablation_euti.sh", RATIOS="0.5"))
+    assert set(euti) == {"no_reduction", "euti", "euti_global_query", "euti_norm"}
+    assert (euti["euti"].pruning, euti["euti"].multiply_by_norm) == ("euti", True)
+    assert (euti["euti_global_query"].pruning, euti["euti_global_query"].multiply_by_norm) == ("euti", False)
+    assert euti["euti_norm"].pruning == "norm" and euti["euti_norm"].norm_order == euti["euti"].norm_order
+    assert not euti.pop("no_reduction").reduction
+    assert {c.clustering for c in euti.values()} == {"none"} and {c.target_ratio for c in euti.values()} == {
+        0.5
+    }
+
+    runs = dict(labelled("ablation_pact.sh", RATIOS="0.5", OTHER_LAYERS="2 4 8"))
+    assert set(runs) == {"no_reduction", "pact", "pact_no_retrieval", "pact_layer2", "pact_layer8"}
+    assert (runs["pact"].layer, runs["pact"].retrieval) == (4, True)  # the chosen layer is not repeated
+    assert (runs["pact_no_retrieval"].layer, runs["pact_no_retrieval"].retrieval) == (4, False)
+    assert (runs["pact_layer2"].layer, runs["pact_layer8"].layer) == (2, 8)
+    assert all(c.target_ratio == 0.5 for label, c in runs.items() if label != "no_reduction")
+    auto = _dry_run("ablation_pact.sh", TASKS="a", RATIOS="0.5", CHOSEN_LAYER="auto", MODEL="/m")
+    calibrate = auto[0]  # CHOSEN_LAYER=auto: `pact calibrate` on the model first
+    assert calibrate[1:6] == ["-m", "pact", "calibrate", "--model", "/m"]
+    assert calibrate[calibrate.index("--out") + 1] == "runs/ablation_pact/calibrate"
+    assert all("--model_args" in cmd for cmd in auto[1:])
+
+
 def test_scripts_take_overrides():
     cmds = _dry_run(
         "pact_qwen2-vl-7b.sh",
@@ -349,6 +391,64 @@ def test_script_runs_end_to_end_on_a_tiny_model(tiny_dirs, lmms_env, tmp_path):
     )
     _run(["bash", "scripts/pact_qwen2-vl-7b.sh"], env)
     _report_and_plot(tmp_path / "out", {"pact_tiny_mc"})
+
+
+# Smallest end-to-end set per ablation script: its no-reduction run plus one variant (every
+# variant's configuration is checked by test_ablation_scripts_give_valid_configs; each lmms-eval
+# process costs tens of seconds here). The PACT one chooses its layer with `pact calibrate` first.
+_ABLATION_SMOKE = {
+    "ablation_clustering.sh": (
+        {"METHODS": "kmeans", "MODEL_ARGS": "layer=2,dtype=float32,device=cpu"},
+        "kmeans",
+    ),
+    "ablation_euti.sh": ({"VARIANTS": "norm", "MODEL_ARGS": "layer=2,dtype=float32,device=cpu"}, "euti_norm"),
+    "ablation_pact.sh": (
+        {
+            "VARIANTS": "no_retrieval",
+            "CHOSEN_LAYER": "auto",
+            "DTYPE": "float32",
+            "CALIBRATE_ARGS": "--max-layer 2",
+            "MODEL_ARGS": "device=cpu",
+        },
+        "pact_no_retrieval",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(_ABLATION_SMOKE))
+def test_ablation_script_runs_end_to_end_on_a_tiny_model(script, tiny_dirs, lmms_env, tmp_path):
+    """Each ablation script against a tiny local Qwen2-VL and the local multiple-choice task, at one
+    target ratio; the report pairs the variant with its no-reduction run at that ratio."""
+    from pact.eval import plot, report
+
+    extra, label = _ABLATION_SMOKE[script]
+    out = tmp_path / "out"
+    env = dict(
+        lmms_env,
+        MODEL=str(tiny_dirs["qwen2_vl"]),
+        LMMS_MODEL="pact_qwen2_vl",
+        TASKS="pact_tiny_mc",
+        LIMIT="4",
+        INCLUDE_PATH="tests/eval_tasks",
+        RATIOS="0.5",
+        OUTPUT=str(out),
+        PYTHON=sys.executable,
+        **extra,
+    )
+    _run(["bash", f"scripts/{script}"], env)
+    runs = report.find_runs([out])
+    rows = report.build_rows(runs)
+    variant = [r for r in rows if r.method == label]
+    assert len(variant) == 1 and variant[0].reference is not None
+    assert variant[0].reduction_ratio == pytest.approx(0.5, abs=0.1)
+    if script == "ablation_pact.sh":
+        chosen = json.loads((out / "calibrate" / "calibration.json").read_text())["layer"]
+        config = next(r.config for r in runs if r.label == label)
+        assert 0 <= chosen <= 2 and config["layer"] == chosen and config["retrieval"] is False
+    points = report.summarize_points(rows)
+    if any(p.metric_ratio is not None and p.method == label for p in points):  # a random model may score 0
+        assert plot.main([str(out), "--out", str(out / "fig.png")]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------
