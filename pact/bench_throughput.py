@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -521,6 +522,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the result to this JSON file")
 
 
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (a shared machine's noise), None if unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _fail(message: str) -> SystemExit:
     return SystemExit(f"pact bench throughput: {message}")
 
@@ -598,6 +607,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(msg, file=sys.stderr, flush=True)
 
     spec, base_cfg, notes = validate(args)
+    load_before = _load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -676,7 +686,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "throughput",
         "command": "pact bench throughput " + " ".join(getattr(args, "argv", []) or []),
-        "machine": bp.machine_info(device),
+        "machine": {**bp.machine_info(device), "load_before": load_before, "load_after": _load_average()},
         "model": {
             "family": args.family,
             "shape": args.shape,
