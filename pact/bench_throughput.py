@@ -409,6 +409,13 @@ def generate_once(model: Any, inputs: Any, new_tokens: int, device: torch.device
     }
 
 
+def visual_per_sample(model: Any, inputs: Any) -> list[int]:
+    """Visual patch tokens of each sample of ``inputs``, as the engine finds them."""
+    from pact.models import get_adapter
+
+    return [int(n) for n in get_adapter(model).candidate_mask(inputs["input_ids"], inputs).sum(1)]
+
+
 @torch.inference_mode()
 def prefill_kv_bytes(model: Any, inputs: Any) -> int:
     """Bytes of the KV cache right after the prefill of ``inputs`` (exact)."""
@@ -457,10 +464,7 @@ def measure(
         for run, cfg in zip(runs, (None, pact_config), strict=True):
             if cfg is None:
                 pact.api.remove(model)
-                n = bp.count_visual(model, inputs)
-                run.visual_before = run.visual_after = [n // int(inputs["input_ids"].shape[0])] * int(
-                    inputs["input_ids"].shape[0]
-                )
+                run.visual_before = run.visual_after = visual_per_sample(model, inputs)
             else:
                 pact.api.apply(model, cfg)
             run.kv_cache_bytes = prefill_kv_bytes(model, inputs)
