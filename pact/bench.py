@@ -297,6 +297,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         ("prefill", "pact.bench_prefill", "prefill speed-up on a random VLM"),
         ("methods", "pact.bench_methods", "every method at one budget"),
         ("clustering", "pact.bench_clustering", "clustering baselines (ours, scikit-learn) vs N"),
+        ("throughput", "pact.bench_throughput", "generation throughput, TTFT, peak memory: stock vs PACT"),
     ):
         p = sub.add_parser(name, help=help_)
         if argv[:1] == [name]:

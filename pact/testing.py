@@ -837,3 +837,98 @@ def attention_qk(
     if "queries" not in seen:
         raise RuntimeError(f"decoder layer {layer_index}'s attention was not called through the interface")
     return seen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real-size processors and random models of any size (benchmarks without weights)
+
+CHECKPOINT_PINPOINTS: list[list[int]] = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+"""``image_grid_pinpoints`` of the released LLaVA-OneVision checkpoints (anyres_max_9): every grid of
+1..6 x 1..6 crops of 384 px."""
+
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 16384
+"""``min_pixels`` / ``max_pixels`` of the released Qwen2-VL-Instruct processors (3136 / 12845056)."""
+
+CHECKPOINT_PROCESSOR_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+"""Families ``checkpoint_processor`` covers."""
+
+
+def checkpoint_processor(family: str) -> Any:
+    """The stock processor of ``family`` with the image settings of the released checkpoints, so that
+    an image gets the visual-token count the real model gives it; the tokenizer is the tiny one
+    (its ids fit any vocabulary) and the placeholder ids are those of ``tiny_config``.
+
+    - ``llava_onevision`` (llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf): 384 x 384 SigLIP crops
+      (27 x 27 = 729 tokens each), ``CHECKPOINT_PINPOINTS``, anyres_max_9, SigLIP mean/std 0.5.
+    - ``qwen2_vl`` / ``qwen2_5_vl`` (Qwen/Qwen2-VL-*-Instruct, Qwen/Qwen2.5-VL-*-Instruct): 14-px
+      patches merged 2 x 2, ``QWEN2_VL_MIN_PIXELS`` .. ``QWEN2_VL_MAX_PIXELS``.
+
+    The model must have the matching vision shape (``image_size`` 384 and the pinpoints in its config
+    for LLaVA-OneVision); the tiny models do not.
+    """
+    import transformers as T
+
+    if family not in CHECKPOINT_PROCESSOR_FAMILIES:
+        raise ValueError(
+            f"checkpoint_processor: family {family!r} is not covered; expected one of "
+            f"{', '.join(CHECKPOINT_PROCESSOR_FAMILIES)}"
+        )
+    tok = tiny_tokenizer(family)
+    template = chat_template(family)
+    if family == "llava_onevision":
+        image = T.LlavaOnevisionImageProcessor(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=CHECKPOINT_PINPOINTS,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        video = T.LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384})
+        return T.LlavaOnevisionProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=video,
+            num_image_tokens=(384 // 14) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            chat_template=template,
+        )
+    size = {"shortest_edge": QWEN2_VL_MIN_PIXELS, "longest_edge": QWEN2_VL_MAX_PIXELS}
+    image = T.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = T.Qwen2VLVideoProcessor(cap_pixels_per_frame=True)
+    cls = T.Qwen2VLProcessor if family == "qwen2_vl" else T.Qwen2_5_VLProcessor
+    return cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=template)
+
+
+def random_model(
+    family: str,
+    config: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> Any:
+    """A random ``family`` model of any ``config`` (e.g. ``tiny_config`` with real-size overrides),
+    in eval mode, built directly on ``device`` in ``dtype``.
+
+    Every parameter is created where it lives: a 7B model needs its bf16 size on the GPU and no
+    float32 copy in host RAM. Weights follow the config's initialisation (normal with std
+    ``initializer_range`` for the matrices) from the torch RNG seeded with ``seed`` (deterministic
+    for a given device), restored afterwards. ``device="meta"`` gives the shapes without memory
+    (nothing is initialised).
+    """
+    _check_family(family)
+    device = torch.device(device)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        with device:
+            model = model_class(family)._from_config(
+                config, attn_implementation=attn_implementation, dtype=dtype
+            )
+        if device.type != "meta":
+            _reinit_zero_weights(model)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = (token_id(t) for t in ("<pad>", "<eos>", "<bos>"))
+    return model.eval()
