@@ -359,3 +359,28 @@ def test_demo_on_a_checkpoint_counts_the_stock_visual_tokens(capsys, tmp_path, f
     stock, reduced = rows["no"], rows["PACT"]
     assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
     assert "FLOP-model ideal" in out and "round 2/2" in err and "warm-up 1/1" in err
+
+
+def test_readme_options_exist_in_the_help(capsys):
+    """Every `--option` the README's demo and command-line sections name is in some command's help."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## The demo") : text.index("## Evaluation and benchmarks")]
+    named = set(re.findall(r"`(--[a-z-]+)", section))
+    helps = {}
+    for argv in (
+        ["demo"],
+        ["config"],
+        ["report"],
+        ["plot"],
+        *(["bench", b] for b in ("ops", "prefill", "methods")),
+    ):
+        code, out, _ = run_cli(capsys, *argv, "--help")
+        assert code == 0
+        helps[" ".join(argv)] = set(re.findall(r"(--[a-z-]+)", out))
+    _, top, _ = run_cli(capsys, "--help")
+    every = set().union(*helps.values()) | set(re.findall(r"(--[a-z-]+)", top))
+    assert named and named <= every, named - every
+    assert {"--config", "--set"} <= helps["demo"] & helps["bench prefill"]
+    assert {"--configs", "--set"} <= helps["bench methods"]
