@@ -223,3 +223,37 @@ def test_apply_refuses_a_non_module():
     _, processor = tiny6("qwen2_vl")
     with pytest.raises(TypeError, match="model must be a Hugging Face VLM"):
         pact.api.apply(processor, "pact")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the documented shape of hidden states and attentions (README, CONFIGDOC)
+
+
+def test_hidden_states_and_attentions_have_the_reduced_length_from_layer_l():
+    model, processor = tiny6("qwen2_vl")
+    samples = [
+        {"question": "What is in the image?", "images": [testing.sample_image(0, size=(96, 64))]},
+        {
+            "question": "Describe the picture in one sentence.",
+            "images": [testing.sample_image(1, size=(64, 120))],
+        },
+    ]
+    x = testing.build_inputs("qwen2_vl", processor, samples, padding_side="left")
+    model.set_attn_implementation("eager")
+    try:
+        pact.api.apply(model, "pact", layer=2)
+        with torch.no_grad():
+            out = model(**x, output_hidden_states=True, output_attentions=True)
+        after = pact.api.stats(model).visual_after
+    finally:
+        pact.api.remove(model)
+        model.set_attn_implementation("sdpa")
+    b, t = x["input_ids"].shape
+    n_visual = testing.patch_token_mask(model, x).sum(1)
+    n_other = x["attention_mask"].sum(1) - n_visual  # text and special tokens: never removed
+    # Each sample keeps its text and its kept visual tokens; the batch is padded to the longest.
+    reduced = max(int(o) + a for o, a in zip(n_other.tolist(), after, strict=True))
+    assert out.logits.shape[:2] == (b, t)  # only the logits are scattered back
+    lengths = [h.shape[1] for h in out.hidden_states]  # embeddings, then the output of each layer
+    assert lengths == [t] * 3 + [reduced] * 4 and reduced < t  # 6 layers, L = 2
+    assert [tuple(a.shape[-2:]) for a in out.attentions] == [(t, t)] * 2 + [(reduced, reduced)] * 4
