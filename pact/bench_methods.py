@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pact import bench_prefill as bp
-from pact.cli import int_at_least, output_file, parse_overrides, reduction_ratio
+from pact.cli import device_name, int_at_least, output_file, parse_overrides, reduction_ratio
 
 FAMILY = "qwen2_vl"
 
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random model (tests; seconds)")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed prefills per method (median)")
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed prefills per method")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=output_file, help="write the table to this JSON file")

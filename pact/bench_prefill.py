@@ -58,6 +58,7 @@ import torch
 
 from pact.cli import (
     add_config_arguments,
+    device_name,
     existing_dir,
     existing_file,
     int_at_least,
@@ -1000,7 +1001,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode-tokens", type=int_at_least(0), default=16, help="greedy decode steps after each prefill"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")

@@ -248,6 +248,22 @@ def output_dir(text: str) -> str:
     return text
 
 
+def device_name(text: str) -> str:
+    """argparse type: a torch device string usable on this machine (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def existing_file(text: str) -> str:
     """argparse type: a file that exists (images, checkpoints' files)."""
     if not Path(text).is_file():

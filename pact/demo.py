@@ -24,6 +24,7 @@ from typing import Any
 
 from pact.cli import (
     add_config_arguments,
+    device_name,
     existing_dir,
     existing_file,
     int_at_least,
@@ -292,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--image", type=existing_file, help="image path (default: the bundled photo)")
     p.add_argument("--out", type=output_dir, default=str(DEFAULT_OUT), help="output directory (outputs/demo)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default=None,
+        help="cpu, cuda, cuda:N (default: cuda if available)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument(
@@ -330,9 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     from pact.bench_prefill import count_visual
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.device(device)  # a malformed device string fails now
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     t0 = time.perf_counter()

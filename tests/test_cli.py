@@ -198,6 +198,8 @@ def test_argument_types_accept_good_values(tmp_path):
         (["bench", "clustering", "--keep", "1.5"], "argument --keep"),
         (["demo", "--repeats", "0"], "argument --repeats"),
         (["demo", "--image", "/no/such.jpg"], "argument --image: no such file"),
+        (["demo", "--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["bench", "prefill", "--device", "gpu0"], "argument --device"),
         (["plot", "runs", "--out", "/proc/x.png"], "argument --out: cannot write"),
         (["report", "runs", "--csv", "/proc/x.csv"], "argument --csv: cannot write"),
     ],
