@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from pact.cli import int_at_least, int_list_at_least, output_file, positive_float
 from pact.ops.dbdpc import dbdpc, normalize_rows
 
 # ------------------------------------------------------------------------------------------ data
@@ -219,11 +220,15 @@ def machine_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+DATA_KINDS = ("blobs", "random")
+
+
+def _data_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in DATA_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"expected a subset of {','.join(DATA_KINDS)}, got {text!r}")
+    return kinds
 
 
 def _run_ops(args: argparse.Namespace) -> int:
@@ -241,7 +246,7 @@ def _run_ops(args: argparse.Namespace) -> int:
         args.dim,
         args.repeats,
         cutoff=args.cutoff,
-        kinds=tuple(args.data.split(",")),
+        kinds=tuple(args.data),
         reference_max=args.reference_max,
         log=lambda line: print(line, flush=True),
     )
@@ -278,19 +283,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ops,prefill,methods,clustering}")
     ops = sub.add_parser("ops", help="DBDPC against one float32 x @ x.T (the matmul floor)")
-    ops.add_argument("--sizes", type=_int_list, default=(1000, 4000, 8000, 16384), help="comma-separated N")
-    ops.add_argument("--dim", type=int, default=512, help="point dimension D (default 512)")
-    ops.add_argument("--repeats", type=int, default=3, help="timed repetitions (median; default 3)")
-    ops.add_argument("--cutoff", type=float, default=0.21, help="DBDPC cutoff (default 0.21)")
-    ops.add_argument("--data", default="blobs,random", help="data kinds: blobs,random")
+    ops.add_argument(
+        "--sizes", type=int_list_at_least(1), default=(1000, 4000, 8000, 16384), help="comma-separated N"
+    )
+    ops.add_argument("--dim", type=int_at_least(1), default=512, help="point dimension D (default 512)")
+    ops.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (median; 3)")
+    ops.add_argument("--cutoff", type=positive_float, default=0.21, help="DBDPC cutoff (default 0.21)")
+    ops.add_argument("--data", type=_data_kinds, default=("blobs", "random"), help="data kinds: blobs,random")
     ops.add_argument(
         "--reference-max",
-        type=int,
+        type=int_at_least(0),
         default=4000,
         help="also time the reference-style algorithm up to this N (default 4000)",
     )
-    ops.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ops.add_argument("--json", help="write the rows and machine info to this JSON file")
+    ops.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    ops.add_argument("--json", type=output_file, help="write the rows and machine info to this JSON file")
     ops.set_defaults(run=_run_ops)
     # The other benchmarks own their options; only import the one that is asked for.
     for name, module, help_ in (

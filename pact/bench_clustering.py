@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pact.cli import int_at_least, int_list_at_least, nonnegative_float, output_file, positive_float
+
 # name -> (implementation, how its time grows with N for the skip rule)
 ALGORITHMS: dict[str, tuple[str, int]] = {
     "x @ x.T (floor)": ("floor", 2),
@@ -103,10 +105,7 @@ def _time(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
 def bench_clustering(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from pact.bench import make_points
 
-    names = [a.strip() for a in args.algorithms.split(",") if a.strip()] or list(ALGORITHMS)
-    unknown = [a for a in names if a not in ALGORITHMS]
-    if unknown:
-        raise SystemExit(f"unknown algorithm(s) {unknown}; choose from {list(ALGORITHMS)}")
+    names = algorithm_names(args.algorithms)
     rows: list[dict[str, Any]] = []
     last: dict[str, tuple[int, float]] = {}
     for n in args.sizes:
@@ -184,33 +183,61 @@ def plot_time_vs_n(result: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def keep_fraction(text: str) -> float:
+    """argparse type of --keep: a fraction in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def algorithm_names(text: str) -> list[str]:
+    """The --algorithms selection (default: all); ValueError naming the unknown ones."""
+    names = [a.strip() for a in text.split(",") if a.strip()] or list(ALGORITHMS)
+    unknown = [a for a in names if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"--algorithms: unknown algorithm(s) {unknown}; choose from {list(ALGORITHMS)}")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `pact bench clustering` (also used by pact.bench's subparser)."""
-    p.add_argument("--sizes", type=_sizes, default=(1000, 2000, 4000, 8000, 16384), help="comma-separated N")
-    p.add_argument("--dim", type=int, default=512, help="point dimension D (default 512)")
+    p.add_argument(
+        "--sizes",
+        type=int_list_at_least(2),
+        default=(1000, 2000, 4000, 8000, 16384),
+        help="comma-separated N >= 2",
+    )
+    p.add_argument("--dim", type=int_at_least(1), default=512, help="point dimension D (default 512)")
     p.add_argument("--algorithms", default="", help=f"subset, comma-separated, of: {', '.join(ALGORITHMS)}")
-    p.add_argument("--keep", type=float, default=0.3, help="clusters / N of the count-based methods (0.3)")
-    p.add_argument("--cutoff", type=float, default=0.21, help="DBDPC cutoff and DBSCAN eps (0.21)")
-    p.add_argument("--kmeans-iters", type=int, default=20, help="k-means updates at most (default 20)")
-    p.add_argument("--repeats", type=int, default=3, help="median of this many runs under 1 s (default 3)")
+    p.add_argument(
+        "--keep",
+        type=keep_fraction,
+        default=0.3,
+        help="clusters / N of the count-based methods, (0, 1] (0.3)",
+    )
+    p.add_argument("--cutoff", type=positive_float, default=0.21, help="DBDPC cutoff and DBSCAN eps (0.21)")
+    p.add_argument(
+        "--kmeans-iters", type=int_at_least(1), default=20, help="k-means updates at most (default 20)"
+    )
+    p.add_argument(
+        "--repeats", type=int_at_least(1), default=3, help="median of this many runs under 1 s (default 3)"
+    )
     p.add_argument(
         "--max-seconds",
-        type=float,
+        type=nonnegative_float,
         default=60.0,
         help="skip an algorithm at sizes it is predicted to exceed this time (default 60)",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="write the rows and machine info to this JSON file")
-    p.add_argument("--plot", help="write the time vs N PNG here")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=output_file, help="write the rows and machine info to this JSON file")
+    p.add_argument("--plot", type=output_file, help="write the time vs N PNG here")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pact.bench_prefill import _load, machine_info
 
+    algorithm_names(args.algorithms)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = _load()

@@ -27,23 +27,42 @@ from typing import Any
 import torch
 
 from pact import bench_prefill as bp
+from pact.cli import device_name, int_at_least, output_file, parse_overrides, reduction_ratio
 
 FAMILY = "qwen2_vl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `pact bench methods` (also used by pact.bench's subparser)."""
-    p.add_argument("--configs", default="", help="comma-separated config names (default: every bundled one)")
-    p.add_argument("--target-ratio", type=float, default=0.7, help="common budget: reduction ratio (0.7)")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers of the random model (default 8)")
-    p.add_argument("--visual-tokens", type=int, default=1024, help="visual tokens of the input (about)")
+    p.add_argument(
+        "--configs", default="", help="comma-separated config names or paths (default: every bundled one)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every config, repeatable (e.g. --set layer=2)",
+    )
+    p.add_argument(
+        "--target-ratio",
+        type=reduction_ratio,
+        default=0.7,
+        help="common budget: reduction ratio, [0, 1) (0.7)",
+    )
+    p.add_argument(
+        "--layers", type=int_at_least(1), default=8, help="decoder layers of the random model (default 8)"
+    )
+    p.add_argument(
+        "--visual-tokens", type=int_at_least(1), default=1024, help="visual tokens of the input (about)"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random model (tests; seconds)")
-    p.add_argument("--repeats", type=int, default=3, help="timed prefills per method (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed prefills per method")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed prefills per method (median)")
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed prefills per method")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="write the table to this JSON file")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=output_file, help="write the table to this JSON file")
 
 
 def _families(cfg: Any) -> tuple[str, ...] | None:
@@ -109,7 +128,7 @@ def bench_config(
     calibrated fixed cutoff), or one row saying why it could not run."""
     from pact.config import load_config
 
-    cfg = load_config(name)
+    cfg = load_config(name, **parse_overrides(getattr(args, "set", []), "--set"))
     method = f"{cfg.pruning}+{cfg.clustering}"
     fams = _families(cfg)
     if fams is None:
@@ -184,10 +203,18 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pact import testing
-    from pact.config import config_names
+    from pact.config import config_names, load_config
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    # Every config and override is checked before the model is built (a typo fails in a second).
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] or [
+        n for n in config_names() if n != "no_reduction"
+    ]
+    overrides = parse_overrides(getattr(args, "set", []), "--set")
+    for name in names:
+        load_config(name, **overrides)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,9 +231,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"pact bench methods: {what} (built in {time.perf_counter() - t0:.1f} s); "
         f"{inputs['input_ids'].shape[1]} tokens, {n_visual} visual; load {load_before}"
     )
-    names = [n.strip() for n in args.configs.split(",") if n.strip()] or [
-        n for n in config_names() if n != "no_reduction"
-    ]
     base = bp.measure(
         model,
         inputs,

@@ -56,6 +56,18 @@ from typing import Any
 
 import torch
 
+from pact.cli import (
+    add_config_arguments,
+    device_name,
+    existing_dir,
+    existing_file,
+    int_at_least,
+    output_file,
+    parse_overrides,
+    ratio_list,
+    reduction_ratio,
+)
+
 PROMPT = "Describe this photo in one sentence."
 PIXELS_PER_TOKEN = 28 * 28  # Qwen2-VL: 14-px patches merged 2 x 2 into one LLM token
 
@@ -941,41 +953,30 @@ def plot_speedup(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r} is not of the form key=value")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `pact bench prefill` (also used by pact.bench's subparser)."""
-    p.add_argument("--model", help="local checkpoint directory (default: the random 0.5B-class Qwen2-VL)")
+    p.add_argument(
+        "--model",
+        type=existing_dir,
+        help="local checkpoint directory (default: a random 0.5B-class Qwen2-VL)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random model (tests; seconds)")
-    p.add_argument("--layers", type=int, help="decoder layers of the random model (default 24; --tiny: 4)")
+    p.add_argument(
+        "--layers", type=int_at_least(1), help="decoder layers of the random model (default 24; --tiny: 4)"
+    )
     p.add_argument(
         "--visual-tokens",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="resize the image to about this many visual tokens (default 3000; --tiny: 64)",
     )
-    p.add_argument("--image", help="image path (default: the bundled photo)")
-    p.add_argument("--config", default="pact", help="reduction config name or JSON path (default: pact)")
+    p.add_argument("--image", type=existing_file, help="image path (default: the bundled photo)")
+    add_config_arguments(p)
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable (e.g. --set layer=2)",
-    )
-    p.add_argument(
-        "--target-ratio", type=float, default=0.7, help="visual-token reduction ratio to reach (default 0.7)"
+        "--target-ratio",
+        type=reduction_ratio,
+        default=0.7,
+        help="visual-token reduction ratio to reach, in [0, 1) (default 0.7)",
     )
     p.add_argument(
         "--budget",
@@ -983,21 +984,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="calibrate",
         help="how the ratio is reached (see the module help; default calibrate)",
     )
-    p.add_argument("--sweep", default="", help="extra reduction ratios to measure, e.g. 0.3,0.5,0.85")
+    p.add_argument(
+        "--sweep", type=ratio_list, default=(), help="extra reduction ratios to measure, e.g. 0.3,0.5,0.85"
+    )
     p.add_argument(
         "--identity",
         action="store_true",
         help="also time the engine with nothing removed (diagnoses the fixed costs)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per configuration (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed prefills before each configuration")
-    p.add_argument("--decode-tokens", type=int, default=16, help="greedy decode steps after each prefill")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--repeats", type=int_at_least(1), default=3, help="timed repetitions per configuration (median)"
+    )
+    p.add_argument(
+        "--warmup", type=int_at_least(0), default=1, help="untimed prefills before each configuration"
+    )
+    p.add_argument(
+        "--decode-tokens", type=int_at_least(0), default=16, help="greedy decode steps after each prefill"
+    )
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="write the figures to this JSON file")
-    p.add_argument("--plot", help="write the speed-up vs reduction-ratio PNG here")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=output_file, help="write the figures to this JSON file")
+    p.add_argument("--plot", type=output_file, help="write the speed-up vs reduction-ratio PNG here")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -1009,6 +1018,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    # The config first: a typo in --config/--set fails here, not after the model is built.
+    overrides = parse_overrides(args.set, "--set")
+    base_cfg = load_config(args.config, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -1032,8 +1044,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = int(inputs["input_ids"].shape[1])
     n_visual = count_visual(model, inputs)
     shape = DecoderShape.from_config(model.config.get_text_config())
-    overrides = _parse_overrides(args.set)
-    base_cfg = load_config(args.config, **overrides)
     if args.tiny and base_cfg.layer >= shape.layers and not overrides:
         base_cfg = base_cfg.replace(layer=shape.layers // 2)  # the tiny model is shallower than L=4
     log(
@@ -1041,7 +1051,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.dtype}, {args.attn}, {torch.get_num_threads()} threads; load {load_before}"
     )
 
-    ratios = [args.target_ratio] + [float(x) for x in args.sweep.split(",") if x.strip()]
+    ratios = [args.target_ratio, *args.sweep]
     planned: list[tuple[str, Any, dict[str, Any], float]] = []
     for ratio in ratios:
         try:

@@ -965,6 +965,7 @@ def load_config(
     if isinstance(path_or_dict, Mapping):
         return _from_mapping(path_or_dict, overrides)
     if isinstance(path_or_dict, (str, os.PathLike)):
+        _check_keys(overrides)  # a typo in an override is not the file's fault: say so before reading it
         path = _resolve(path_or_dict)
         try:
             # Merged before validation: an override may replace a value the file alone would refuse
@@ -973,7 +974,8 @@ def load_config(
         except ValueError as e:
             if str(e).startswith(str(path)):
                 raise
-            raise ValueError(f"{path}: {e}") from e
+            where = f"{path} with overrides {', '.join(overrides)}" if overrides else str(path)
+            raise ValueError(f"{where}: {e}") from e
     raise TypeError(
         f"load_config expects a path, a config name, a dict, a PactConfig or None, got {_show(path_or_dict)}"
     )
@@ -985,29 +987,7 @@ if set(_RULES) != set(_FIELD_NAMES):  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`pact config [PATH_OR_NAME] [key=value ...]`: print the effective configuration as JSON."""
-    import argparse
+    """`pact config`: see `pact.cli.config_main` (kept here for `python -c "import pact.config ..."`)."""
+    from pact.cli import config_main
 
-    parser = argparse.ArgumentParser(
-        prog="pact config",
-        description="Print the effective configuration (our key names) of a config file plus overrides. "
-        "Values are parsed as JSON when possible (true, 0.5, \"x\"), else taken as strings.",
-    )
-    parser.add_argument("config", nargs="?", default=None, help="JSON path or name (default: PACT defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, any accepted key name")
-    parser.add_argument("--list", action="store_true", help="list the bundled config names and exit")
-    args = parser.parse_args(argv)
-    if args.list:
-        print("\n".join(config_names()))
-        return 0
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            parser.error(f"override {item!r} is not of the form key=value")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    print(load_config(args.config, **overrides).to_json())
-    return 0
+    return config_main(argv)

@@ -122,6 +122,69 @@ def parse_value(value: Any) -> Any:
     return value
 
 
+def _positive_int(key: str, value: Any, lo: int = 1) -> int:
+    """An integer >= lo from an int or a string of digits; ValueError naming the key otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        hint = (
+            " (pact models do not search a batch size; give a number)"
+            if str(value).startswith("auto")
+            else ""
+        )
+        raise ValueError(f"{key}={value!r}: expected an integer >= {lo}{hint}")
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def check_loading_args(
+    *,
+    dtype: Any,
+    batch_size: Any,
+    max_pixels: Any,
+    min_pixels: Any,
+    frames: Any,
+    max_new_tokens: Any,
+    use_cache: Any,
+    trust_remote_code: Any,
+    timing: Any,
+) -> dict[str, Any]:
+    """Validate the loading options of ``--model_args`` before anything is loaded.
+
+    Returns them normalised (integers as int). Raises ValueError naming the key, the value and
+    what is allowed: batch_size/frames/max_new_tokens integers >= 1, max_pixels/min_pixels None
+    or integers >= 1 with min_pixels <= max_pixels, dtype one of ``DTYPES``, flags true/false.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    out: dict[str, Any] = {
+        "dtype": dtype,
+        "batch_size": _positive_int("batch_size", batch_size),
+        "frames": _positive_int("frames", frames),
+        "max_new_tokens": _positive_int("max_new_tokens", max_new_tokens),
+        "use_cache": _flag("use_cache", use_cache),
+        "trust_remote_code": _flag("trust_remote_code", trust_remote_code),
+        "timing": _flag("timing", timing),
+    }
+    for key, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+        out[key] = None if value is None else _positive_int(key, value)
+    if (
+        out["max_pixels"] is not None
+        and out["min_pixels"] is not None
+        and out["min_pixels"] > out["max_pixels"]
+    ):
+        raise ValueError(f"min_pixels={out['min_pixels']} is larger than max_pixels={out['max_pixels']}")
+    return out
+
+
 def merge_model_args(model_args: dict[str, Any], additional: dict[str, Any] | None) -> dict[str, Any]:
     """lmms-eval's own arguments (batch_size, device ...; None = not given) under ``--model_args``."""
     extra = {k: v for k, v in (additional or {}).items() if v is not None}
@@ -316,6 +379,21 @@ class PactHFModel(lmms):
             overrides.pop(key, None)
         overrides = {k: parse_value(v) for k, v in overrides.items()}
         try:
+            checked = check_loading_args(
+                dtype=dtype,
+                batch_size=batch_size,
+                max_pixels=parse_value(max_pixels),
+                min_pixels=parse_value(min_pixels),
+                frames=frames,
+                max_new_tokens=max_new_tokens,
+                use_cache=use_cache,
+                trust_remote_code=trust_remote_code,
+                timing=timing,
+            )
+        except ValueError as e:
+            raise ValueError(f"pact_{self.family}: bad --model_args {e}") from e
+        max_pixels, min_pixels = checked["max_pixels"], checked["min_pixels"]
+        try:
             self.config = load_config(parse_value(pact_config), **overrides)
         except ValueError as e:
             raise ValueError(
@@ -338,11 +416,11 @@ class PactHFModel(lmms):
             **overrides,
         }
         self.label = label or M.method_label(self.config.to_dict())
-        self.frames = int(frames)
-        self.default_max_new_tokens = int(max_new_tokens)
+        self.frames = checked["frames"]
+        self.default_max_new_tokens = checked["max_new_tokens"]
         self.system_prompt = system_prompt
-        self.use_cache = bool(use_cache)
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
+        self.use_cache = use_cache
+        self.batch_size_per_gpu = checked["batch_size"]
 
         self._setup_devices(device, device_map)
         self._model = self._load_model(class_name, model_types, dtype, attn_implementation, trust_remote_code)

@@ -12,9 +12,11 @@ an "equivalent layer" (VTW, ToMe) are placed at their equivalent reduction ratio
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pact.cli import output_file
 from pact.eval.report import Point, build_rows, find_runs, summarize_points
 
 # Fixed colours/markers for the paper's methods so figures are comparable across runs.
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("runs", nargs="+", help="lmms-eval output folders or *_results.json files")
     parser.add_argument("--baseline", action="append", default=[], help="extra folder with no-reduction runs")
-    parser.add_argument("--out", default="metric_ratio_vs_reduction_ratio.png", help="output image")
+    parser.add_argument(
+        "--out", type=output_file, default="metric_ratio_vs_reduction_ratio.png", help="output image"
+    )
     parser.add_argument("--x", choices=sorted(X_FIELDS), default="equivalent", help="x axis (see module doc)")
     parser.add_argument("--methods", help="comma-separated method labels to draw (default: all)")
     parser.add_argument("--title", help="panel title (default: the checkpoint name)")
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = find_runs([*args.runs, *args.baseline])
     except FileNotFoundError as e:
         parser.error(str(e))
+    if not runs:
+        print("pact plot: no *_results.json found under " + ", ".join(args.runs), file=sys.stderr)
+        return 1
     points = summarize_points(build_rows(runs))
     if args.methods:
         wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = plot_points(points, args.out, x=args.x, title=args.title)
     except ValueError as e:
-        print(f"pact plot: {e}")
+        print(f"pact plot: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

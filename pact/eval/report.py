@@ -26,11 +26,13 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pact.cli import output_file
 from pact.eval.metrics import method_label
 
 _SKIP_METRIC_PARTS = ("_stderr",)
@@ -113,15 +115,36 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             files.append(p)
         elif p.is_dir():
             files.extend(sorted(p.rglob("*_results.json")))
-        elif not p.exists():
+        elif p.is_file():
+            raise ValueError(f"{p}: not an lmms-eval results file (expected a folder or a *_results.json)")
+        else:
             raise FileNotFoundError(f"no such run directory or results file: {p}")
     runs = []
     for f in dict.fromkeys(files):  # unique, ordered
-        results = json.loads(f.read_text(encoding="utf-8"))
+        results = read_json_object(f)
+        if not isinstance(results.get("results"), dict):
+            # Not silently skipped: a run without scores would vanish from the table unnoticed.
+            raise ValueError(
+                f"{f}: not an lmms-eval results file: no 'results' object (an interrupted run? "
+                "move it out of the folder)"
+            )
         metrics_path = f.with_name(f.name[: -len("_results.json")] + "_pact_metrics.json")
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else None
+        metrics = read_json_object(metrics_path) if metrics_path.exists() else None
         runs.append(Run(f, results, metrics))
     return runs
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file for invalid JSON or a non-object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -350,16 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("runs", nargs="+", help="lmms-eval output folders or *_results.json files")
     parser.add_argument("--baseline", action="append", default=[], help="extra folder with no-reduction runs")
-    parser.add_argument("--csv", help="write the per-benchmark table as CSV")
-    parser.add_argument("--points-csv", help="write the operating-point table as CSV")
-    parser.add_argument("--markdown", help="write both tables as Markdown")
+    parser.add_argument("--csv", type=output_file, help="write the per-benchmark table as CSV")
+    parser.add_argument("--points-csv", type=output_file, help="write the operating-point table as CSV")
+    parser.add_argument("--markdown", type=output_file, help="write both tables as Markdown")
     args = parser.parse_args(argv)
     try:
         runs = find_runs([*args.runs, *args.baseline])
     except FileNotFoundError as e:
         parser.error(str(e))
     if not runs:
-        print("pact report: no *_results.json found under " + ", ".join(args.runs))
+        print("pact report: no *_results.json found under " + ", ".join(args.runs), file=sys.stderr)
         return 1
     rows = build_rows(runs)
     points = summarize_points(rows)

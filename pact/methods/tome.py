@@ -36,6 +36,14 @@ class ToMe(Method):
         first = int(self.config.layer)
         if first >= num_layers:
             raise ValueError(f"layer={first} but the model has only {num_layers} decoder layers")
+        eq = int(self.config.tome_equivalent_layer)
+        if eq >= num_layers:
+            # The schedule would clamp L_eq to n (p_eff = 1: one merge per layer whatever the
+            # budget): refuse at apply instead of running a different budget.
+            raise ValueError(
+                f"tome_equivalent_layer={eq} but the model has only {num_layers} decoder layers: use a "
+                f"layer in [0, {num_layers - 1}]"
+            )
         return list(range(first, num_layers))
 
     def keep_ratio(self, n_original: int) -> float:

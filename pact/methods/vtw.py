@@ -59,6 +59,14 @@ class VisualTokenWithdrawal(Method):
         return vtw_layer(num_layers, p, min(self._equivalent_layer(), num_layers))
 
     def layers(self, num_layers: int) -> list[int]:
+        eq = self._equivalent_layer()
+        if eq >= num_layers:
+            # min(L_eq, n) below would silently mean "never withdraw": refuse at apply instead.
+            key = "vtw_equivalent_layer" if self.config.vtw_equivalent_layer >= 0 else "layer"
+            raise ValueError(
+                f"{key}={eq} but the model has only {num_layers} decoder layers: use a layer in "
+                f"[0, {num_layers - 1}]" + (", or -1 to withdraw at `layer`" if key != "layer" else "")
+            )
         if self.config.target_tokens is not None:
             return list(range(num_layers))  # per-sample layer: decided in reduce
         layer = self.withdraw_layer(num_layers)

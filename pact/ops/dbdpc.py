@@ -87,6 +87,7 @@ def _elementwise_rows(n: int) -> int:
     return max(1, _ELEMENTWISE_ITEMS // max(1, n))
 
 
+@torch.no_grad()  # discrete decisions only; the in-place `out=` matmuls cannot be differentiated
 def _distance_pass(
     x: torch.Tensor, dn: float, kernel: str, cutoff: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -153,7 +153,8 @@ def merge_reduction(
     else:
         point_labels = torch.full_like(labels, -1)
     weights = None if sizes is None else sizes.detach().float()
-    return reduction_from_clusters(hidden.detach(), kept, point_labels, weights=weights, scores=scores)
+    # hidden is not detached: gradients must reach the merged tokens (losses under reduction)
+    return reduction_from_clusters(hidden, kept, point_labels, weights=weights, scores=scores)
 
 
 def tome_reduce(

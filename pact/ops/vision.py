@@ -303,7 +303,7 @@ def prumerge(
             f"keys and hidden must have shape ({n}, F), got {tuple(keys.shape)} and {tuple(hidden.shape)}"
         )
     check_finite(keys=keys, hidden=hidden)
-    h = hidden.detach().to(torch.float32)
+    h = hidden.to(torch.float32)  # merged tokens stay differentiable (losses under reduction)
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=device)
         return Reduction(
