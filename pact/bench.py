@@ -281,7 +281,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pact bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ops,prefill,methods,clustering}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{ops,prefill,methods,clustering,throughput}"
+    )
     ops = sub.add_parser("ops", help="DBDPC against one float32 x @ x.T (the matmul floor)")
     ops.add_argument(
         "--sizes", type=int_list_at_least(1), default=(1000, 4000, 8000, 16384), help="comma-separated N"

@@ -541,7 +541,7 @@ def _fail(message: str) -> SystemExit:
 def validate(args: argparse.Namespace) -> tuple[ModelShape, Any, list[str]]:
     """Check every argument before anything is built; returns (shape, pact config, notes about what
     the benchmark changed in the config). Raises SystemExit with a one-line message."""
-    from pact.config import load_config
+    from pact.cli import load_config_arguments
 
     try:
         spec = model_shape(args.family, args.shape)
@@ -578,7 +578,7 @@ def validate(args: argparse.Namespace) -> tuple[ModelShape, Any, list[str]]:
     if args.image and not Path(args.image).is_file():
         raise _fail(f"--image {args.image!r} is not a file")
     try:
-        cfg = load_config(args.config, **bp._parse_overrides(args.set))
+        cfg = load_config_arguments(args.config, args.set)
     except (ValueError, OSError, KeyError) as e:
         raise _fail(f"--config {args.config!r}: {e}") from None
     if cfg.clustering not in ("dbdpc", "none") or (cfg.clustering == "none" and cfg.pruning == "none"):

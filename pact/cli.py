@@ -30,7 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "pact.demo",
         "PACT on the bundled photo (random-weight Qwen2-VL, or --model DIR), timed and drawn",
     ),
-    "bench": ("pact.bench", "benchmarks: ops (DBDPC vs the matmul floor), prefill, methods, clustering"),
+    "bench": (
+        "pact.bench",
+        "benchmarks: ops (DBDPC vs the matmul floor), prefill, methods, clustering, throughput",
+    ),
     "methods": ("pact.methods", "list the reduction methods and the model families they support"),
     "config": (
         "pact.cli:config_main",

@@ -376,7 +376,8 @@ def test_readme_options_exist_in_the_help(capsys):
         ["config"],
         ["report"],
         ["plot"],
-        *(["bench", b] for b in ("ops", "prefill", "methods")),
+        ["calibrate"],
+        *(["bench", b] for b in ("ops", "prefill", "methods", "clustering", "throughput")),
     ):
         code, out, _ = run_cli(capsys, *argv, "--help")
         assert code == 0

@@ -339,9 +339,9 @@ class VisionCapture:
         self._pending.clear()
         self._crops = 0
 
-    @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Projector input rows (R, F) -> LLM input rows (R, D) (float32), without being recorded."""
+        """Projector input rows (R, F) -> LLM input rows (R, D) (float32), without being recorded.
+        Differentiable when gradients are on (losses under reduction reach the vision tower)."""
         module = self.probe.rows_module()
         dtype = next(module.parameters()).dtype
         self._muted = True
@@ -382,21 +382,29 @@ class VisionCapture:
 
         return hook
 
-    @torch.no_grad()
     def _rows_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._muted or not self._pending:
             return
         out = output[0] if isinstance(output, tuple) else output
         rows = out.reshape(-1, out.shape[-1]).detach()
-        segments = self._segments
-        values = {name: self.probe.to_rows(v, segments) for name, v in self._pending.items()}
+        features = None
         if self.features:
-            inp = args[0].detach()
+            # Not detached: merged features are projected again and must carry gradients to the
+            # vision tower when the forward runs with gradients (a view, so free otherwise).
+            inp = args[0]
             if inp.numel() % rows.shape[0]:
                 raise RuntimeError(
                     f"vision capture: projector input of {inp.numel()} values for {rows.shape[0]} rows"
                 )
-            values["features"] = inp.reshape(rows.shape[0], -1)
+            features = inp.reshape(rows.shape[0], -1)
+        with torch.no_grad():
+            self._record_rows(rows, features)
+
+    def _record_rows(self, rows: torch.Tensor, features: torch.Tensor | None) -> None:
+        segments = self._segments
+        values = {name: self.probe.to_rows(v, segments) for name, v in self._pending.items()}
+        if features is not None:
+            values["features"] = features
         crop = self.probe.row_crops(rows.shape[0], segments, rows.device) + self._crops
         self._crops = int(crop.max()) + 1 if crop.numel() else self._crops
         for name, v in values.items():
