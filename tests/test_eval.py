@@ -483,3 +483,12 @@ def test_plot_writes_png(tmp_path):
     for f in (empty / "ref").rglob("*.json"):
         f.unlink()
     assert plot.main([str(empty), "--out", str(tmp_path / "x.png")]) == 1
+
+
+def test_plot_legend_names_the_ablation_runs():
+    from pact.eval.plot import display_name
+
+    assert display_name("pact_layer8") == "PACT at layer 8"
+    assert display_name("pact_no_retrieval") == "PACT (no retrieval)"
+    assert display_name("euti_global_query") == "EUTI (global query only)"
+    assert display_name("my_method") == "my_method"

@@ -12,6 +12,7 @@ an "equivalent layer" (VTW, ToMe) are placed at their equivalent reduction ratio
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,17 @@ _NAMES = {
     "agglomerative_complete": "Agglomerative (complete)",
     "dbscan": "DBSCAN",
     "no_reduction": "No reduction",
+    # the ablation scripts' labels (paper Fig. 9, 10)
+    "euti_global_query": "EUTI (global query only)",
+    "euti_norm": "EUTI (norm only)",
+    "pact_no_retrieval": "PACT (no retrieval)",
 }
+
+def display_name(method: str) -> str:
+    """Legend name of a run label (``pact_layer8`` -> "PACT at layer 8")."""
+    layer = re.fullmatch(r"pact_layer(\d+)", method)
+    return f"PACT at layer {layer.group(1)}" if layer else _NAMES.get(method, method)
+
 
 X_FIELDS = {
     "equivalent": ("equivalent_reduction_ratio", "Reduction Ratio"),
@@ -104,7 +115,7 @@ def plot_points(
                 color=color,
                 linewidth=2 if method == "pact" else 1.5,
                 markersize=6,
-                label=_NAMES.get(method, method),
+                label=display_name(method),
             )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("Approach-to-Reference Metric Ratio")
