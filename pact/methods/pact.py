@@ -129,6 +129,7 @@ class Pact(Method):
             retrieval_coef=cfg.retrieval_coef,
             dn=cfg.density_bandwidth,
             kernel=cfg.density_kernel,
+            matrix_max_points=cfg.dbdpc_matrix_max_points,
             merge_mean=cfg.merge_mean,
             prune=self.prune,
             cluster=self.cluster,
