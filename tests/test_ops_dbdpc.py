@@ -281,7 +281,16 @@ def test_reference_style_algorithm_and_bench_ops_smoke(capsys):
     rows = bench.bench_ops(sizes=(40,), dim=8, repeats=1, reference_max=40)
     assert [(r["n"], r["data"]) for r in rows] == [(40, "blobs"), (40, "random")]
     assert all(r["dbdpc_s"] > 0 and r["matmul_s"] > 0 and r["reference_s"] is not None for r in rows)
+    assert [r["form"] for r in rows] == ["matrix", "matrix"]
+    blocked = bench.bench_ops(
+        sizes=(300,), dim=8, repeats=1, kinds=("blobs",), matrix_max_points=0, matmul_max=0
+    )
+    assert blocked[0]["form"] == "blocked" and blocked[0]["matmul_s"] is None and blocked[0]["pass_s"] > 0
+    assert blocked[0]["clusters"] == dbdpc(bench.make_points("blobs", 300, 8), 0.21)[0].numel()
     assert bench.main(["ops", "--sizes", "30", "--dim", "8", "--repeats", "1", "--data", "random"]) == 0
+    assert (
+        bench.main(["ops", "--sizes", "130", "--dim", "8", "--repeats", "1", "--matrix-max-points", "0"]) == 0
+    )
     assert "random" in capsys.readouterr().out
 
 
