@@ -155,6 +155,7 @@ def bench_ops(
     reference_max: int = 4000,
     matrix_max_points: int = MATRIX_MAX_POINTS,
     matmul_max: int = 16384,
+    warmup: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time DBDPC against one float32 x @ x.T and one blocked pass for every size and kind of data.
@@ -164,21 +165,27 @@ def bench_ops(
     N x N output), pass_s (`blocked_matmul_pass`), dbdpc_s (medians of `repeats` after one warm-up),
     ratio = dbdpc_s / matmul_s (or None), pass_ratio = dbdpc_s / pass_s, peak_extra_mib (measured,
     None where /proc is unavailable), analytic_mib (the buffers of the chosen form) and reference_s
-    (reference-style algorithm, one run, only for n <= reference_max, else None).
+    (reference-style algorithm, one run, only for n <= reference_max, else None). The peak is
+    measured over the timed runs; `warmup=False` skips the untimed first call (large N, where one
+    call takes minutes and the warm-up effects are negligible).
     """
     rows = []
     for n in sizes:
         for kind in kinds:
             x = make_points(kind, n, dim)
 
-            def run(x: torch.Tensor = x) -> tuple[torch.Tensor, torch.Tensor]:
-                return dbdpc(x, cutoff, matrix_max_points=matrix_max_points)
+            clusters: list[int] = []
 
-            centers, _ = run()  # warm-up (allocator, thread pool)
+            def run(x: torch.Tensor = x, clusters: list[int] = clusters) -> None:
+                clusters.append(int(dbdpc(x, cutoff, matrix_max_points=matrix_max_points)[0].numel()))
+
+            if warmup:
+                run()  # allocator, thread pool
             matmul_s = _median_seconds(lambda x=x: x @ x.T, repeats) if n <= matmul_max else None
             pass_s = _median_seconds(lambda x=x: blocked_matmul_pass(x), repeats)
-            dbdpc_s = _median_seconds(run, repeats)
-            peak = peak_extra_bytes(run)
+            timed: list[float] = []
+            peak = peak_extra_bytes(lambda run=run, timed=timed: timed.append(_median_seconds(run, repeats)))
+            dbdpc_s = timed[0]
             reference_s = None
             if n <= reference_max:
                 reference_s = _median_seconds(lambda x=x: reference_style_dbdpc(x, cutoff), 1)
@@ -190,7 +197,7 @@ def bench_ops(
                 "dim": dim,
                 "data": kind,
                 "form": "matrix" if stored else "blocked",
-                "clusters": int(centers.numel()),
+                "clusters": clusters[-1],
                 "matmul_s": matmul_s,
                 "pass_s": pass_s,
                 "dbdpc_s": dbdpc_s,
@@ -275,6 +282,7 @@ def _run_ops(args: argparse.Namespace) -> int:
         reference_max=args.reference_max,
         matrix_max_points=args.matrix_max_points,
         matmul_max=args.matmul_max,
+        warmup=not args.no_warmup,
         log=lambda line: print(line, flush=True),
     )
     if args.json:
@@ -333,6 +341,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         default=16384,
         help="time the full x @ x.T (N x N output) only up to this N (default 16384)",
     )
+    ops.add_argument("--no-warmup", action="store_true", help="skip the untimed first DBDPC call (large N)")
     ops.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ops.add_argument("--json", help="write the rows and machine info to this JSON file")
     ops.set_defaults(run=_run_ops)
