@@ -6,13 +6,15 @@
     python -m pact.bench methods ...              # see `pact bench methods --help`
     python -m pact.bench clustering ...           # see `pact bench clustering --help`
 
-`ops` times one float32 `x @ x.T` (the N x N matmul every DBDPC implementation must do, the floor)
-and `pact.ops.dbdpc` on the same N x D float32 points, for two kinds of data: "blobs" (many small
-clusters of different tightness on the unit sphere, like visual-token keys: clusters, chains and
-singletons at the default cutoff 0.21) and "random" (isotropic Gaussian: every point is its own
-cluster). It also reports the peak extra resident memory of the DBDPC call and, for N up to
---reference-max, the time of a re-implementation of the reference's algorithm (report §2.6.2: N x N
-temporaries rebuilt on every round, one host synchronisation per point in the sequential tail).
+`ops` times one float32 `x @ x.T` (the N x N matmul every DBDPC implementation must do, the floor),
+one blocked pass computing the same dot products 128 rows at a time without storing them (the floor
+without an N x N buffer) and `pact.ops.dbdpc` on the same N x D float32 points, for two kinds of
+data: "blobs" (many small clusters of different tightness on the unit sphere, like visual-token
+keys: clusters, chains and singletons at the default cutoff 0.21) and "random" (isotropic
+Gaussian: every point is its own cluster). It also reports the peak extra resident memory of the
+DBDPC call and, for N up to --reference-max, the time of a re-implementation of the reference's
+algorithm (report §2.6.2: N x N temporaries rebuilt on every round, one host synchronisation per
+point in the sequential tail).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from pact.cli import int_at_least, int_list_at_least, output_file, positive_float
-from pact.ops.dbdpc import dbdpc, normalize_rows
+from pact.ops.dbdpc import MATRIX_MAX_POINTS, dbdpc, normalize_rows
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -133,6 +135,17 @@ def reference_style_dbdpc(
     return center_idx, labels
 
 
+def blocked_matmul_pass(x: torch.Tensor, rows: int = 128) -> None:
+    """Every pairwise dot product of x's rows, `rows` rows at a time, nothing stored: the floor of
+    any DBDPC that does not keep the N x N matrix."""
+    out = torch.empty(rows, x.shape[0], dtype=x.dtype)
+    xt = x.T
+    for a in range(0, x.shape[0] - rows + 1, rows):
+        torch.mm(x[a : a + rows], xt, out=out)
+    if x.shape[0] % rows:
+        x[x.shape[0] - x.shape[0] % rows :] @ xt
+
+
 def bench_ops(
     sizes: tuple[int, ...] = (1000, 4000, 8000, 16384),
     dim: int = 512,
@@ -141,37 +154,59 @@ def bench_ops(
     cutoff: float = 0.21,
     kinds: tuple[str, ...] = ("blobs", "random"),
     reference_max: int = 4000,
+    matrix_max_points: int = MATRIX_MAX_POINTS,
+    matmul_max: int = 16384,
+    warmup: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Time DBDPC against one float32 x @ x.T for every size and kind of data.
+    """Time DBDPC against one float32 x @ x.T and one blocked pass for every size and kind of data.
 
-    Returns one dict per (size, kind): n, dim, data, clusters, matmul_s, dbdpc_s (medians of
-    `repeats` after one warm-up), ratio = dbdpc_s / matmul_s, peak_extra_mib (measured, None where
-    /proc is unavailable), analytic_mib (the distance matrix plus per-chunk buffers) and
-    reference_s (reference-style algorithm, one run, only for n <= reference_max, else None).
+    Returns one dict per (size, kind): n, dim, data, form ("matrix" if n <= matrix_max_points, else
+    "blocked"), clusters, matmul_s (one x @ x.T, only for n <= matmul_max, else None: it needs the
+    N x N output), pass_s (`blocked_matmul_pass`), dbdpc_s (medians of `repeats` after one warm-up),
+    ratio = dbdpc_s / matmul_s (or None), pass_ratio = dbdpc_s / pass_s, peak_extra_mib (measured,
+    None where /proc is unavailable), analytic_mib (the buffers of the chosen form) and reference_s
+    (reference-style algorithm, one run, only for n <= reference_max, else None). The peak is
+    measured over the timed runs; `warmup=False` skips the untimed first call (large N, where one
+    call takes minutes and the warm-up effects are negligible).
     """
     rows = []
     for n in sizes:
         for kind in kinds:
             x = make_points(kind, n, dim)
-            centers, _ = dbdpc(x, cutoff)  # warm-up (allocator, thread pool)
-            matmul_s = _median_seconds(lambda x=x: x @ x.T, repeats)
-            dbdpc_s = _median_seconds(lambda x=x: dbdpc(x, cutoff), repeats)
-            peak = peak_extra_bytes(lambda x=x: dbdpc(x, cutoff))
+
+            clusters: list[int] = []
+
+            def run(x: torch.Tensor = x, clusters: list[int] = clusters) -> None:
+                clusters.append(int(dbdpc(x, cutoff, matrix_max_points=matrix_max_points)[0].numel()))
+
+            if warmup:
+                run()  # allocator, thread pool
+            matmul_s = _median_seconds(lambda x=x: x @ x.T, repeats) if n <= matmul_max else None
+            pass_s = _median_seconds(lambda x=x: blocked_matmul_pass(x), repeats)
+            timed: list[float] = []
+            peak = peak_extra_bytes(lambda run=run, timed=timed: timed.append(_median_seconds(run, repeats)))
+            dbdpc_s = timed[0]
             reference_s = None
             if n <= reference_max:
                 reference_s = _median_seconds(lambda x=x: reference_style_dbdpc(x, cutoff), 1)
+            stored = n <= matrix_max_points
+            tile = max(1, -(-n // -(-n // max(1, (1 << 23) // n))))  # rows per distance tile
+            distances = n * n if stored else max(tile, 128) * n  # the matrix, or the row cache
             row = {
                 "n": n,
                 "dim": dim,
                 "data": kind,
-                "clusters": int(centers.numel()),
+                "form": "matrix" if stored else "blocked",
+                "clusters": clusters[-1],
                 "matmul_s": matmul_s,
+                "pass_s": pass_s,
                 "dbdpc_s": dbdpc_s,
-                "ratio": dbdpc_s / matmul_s,
+                "ratio": None if matmul_s is None else dbdpc_s / matmul_s,
+                "pass_ratio": dbdpc_s / pass_s,
                 "peak_extra_mib": None if peak is None else peak / 2**20,
-                # distance matrix + normalised copy + 1 MiB element-wise scratch + <= 128 center rows
-                "analytic_mib": (4 * n * n + 4 * n * dim + 2**20 + 4 * 128 * n) / 2**20,
+                # distances + normalised copy + 1 MiB element-wise scratch + <= 128 gathered rows
+                "analytic_mib": (4 * distances + 4 * n * dim + 2**20 + 4 * 128 * n) / 2**20,
                 "reference_s": reference_s,
             }
             rows.append(row)
@@ -181,17 +216,19 @@ def bench_ops(
 
 
 def _format_row(r: dict[str, Any]) -> str:
-    ref = f"{r['reference_s']:8.3f}" if r["reference_s"] is not None else "       -"
-    peak = f"{r['peak_extra_mib']:9.0f}" if r["peak_extra_mib"] is not None else "        -"
+    def opt(v: float | None, fmt: str, width: int) -> str:
+        return format(v, fmt) if v is not None else "-".rjust(width)
+
     return (
-        f"{r['n']:6d} {r['data']:>7s} {r['clusters']:8d} {r['matmul_s']:9.3f} {r['dbdpc_s']:9.3f} "
-        f"{r['ratio']:6.2f} {peak} {r['analytic_mib']:9.0f} {ref}"
+        f"{r['n']:6d} {r['data']:>7s} {r['form']:>7s} {r['clusters']:8d} {opt(r['matmul_s'], '9.3f', 9)} "
+        f"{r['pass_s']:9.3f} {r['dbdpc_s']:9.3f} {opt(r['ratio'], '6.2f', 6)} {r['pass_ratio']:6.2f} "
+        f"{opt(r['peak_extra_mib'], '9.0f', 9)} {r['analytic_mib']:9.0f} {opt(r['reference_s'], '8.3f', 8)}"
     )
 
 
 HEADER = (
-    "     N    data clusters  x@x.T s  dbdpc s  ratio peak MiB  calc MiB  ref. s\n"
-    "------ ------- -------- -------- -------- ------ -------- --------- -------"
+    "     N    data    form clusters  x@x.T s   pass s  dbdpc s  ratio  /pass peak MiB  calc MiB  ref. s\n"
+    "------ ------- ------- -------- -------- -------- -------- ------ ------ -------- --------- -------"
 )
 
 
@@ -248,6 +285,9 @@ def _run_ops(args: argparse.Namespace) -> int:
         cutoff=args.cutoff,
         kinds=tuple(args.data),
         reference_max=args.reference_max,
+        matrix_max_points=args.matrix_max_points,
+        matmul_max=args.matmul_max,
+        warmup=not args.no_warmup,
         log=lambda line: print(line, flush=True),
     )
     if args.json:
@@ -298,6 +338,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         default=4000,
         help="also time the reference-style algorithm up to this N (default 4000)",
     )
+    ops.add_argument(
+        "--matrix-max-points",
+        type=int_at_least(0),
+        default=MATRIX_MAX_POINTS,
+        help=f"DBDPC stores the N x N matrix up to this N, blocked above (default {MATRIX_MAX_POINTS})",
+    )
+    ops.add_argument(
+        "--matmul-max",
+        type=int_at_least(0),
+        default=16384,
+        help="time the full x @ x.T (N x N output) only up to this N (default 16384)",
+    )
+    ops.add_argument("--no-warmup", action="store_true", help="skip the untimed first DBDPC call (large N)")
     ops.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
     ops.add_argument("--json", type=output_file, help="write the rows and machine info to this JSON file")
     ops.set_defaults(run=_run_ops)

@@ -152,6 +152,10 @@ class PactConfig:
     density_kernel: str = "gaussian"
     """Density kernel: "gaussian" sum exp(-(d/d_n)^2) (reference code) or "exponential"
     sum exp(-d/d_n) (paper eq. 6)."""
+    dbdpc_matrix_max_points: int = 8192
+    """DBDPC stores the N x N float32 distance matrix when N <= this (256 MiB at 8192, fastest);
+    above it the rows are recomputed in tiles (no N x N buffer, about twice the matmul work). Same
+    centers and labels either way; 0 = always blocked (long videos on a busy GPU)."""
     retrieval: bool = True
     """Add pruned tokens within retrieval_coef * cutoff of their nearest center to that cluster."""
     retrieval_coef: float = 1.5
@@ -361,6 +365,7 @@ _RULES: dict[str, _Rule] = {
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
     "density_kernel": _choice("gaussian", "exponential"),
+    "dbdpc_matrix_max_points": _at_least(0),
     "retrieval": _BOOL,
     "retrieval_coef": _positive(),
     "merge_mean": _BOOL,

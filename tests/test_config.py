@@ -66,6 +66,7 @@ PACT_DEFAULTS: dict[str, Any] = {
     "cutoff": 0.21,
     "density_bandwidth": 2.0,
     "density_kernel": "gaussian",
+    "dbdpc_matrix_max_points": 8192,
     "retrieval": True,
     "retrieval_coef": 1.5,
     "merge_mean": True,

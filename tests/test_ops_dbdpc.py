@@ -281,5 +281,152 @@ def test_reference_style_algorithm_and_bench_ops_smoke(capsys):
     rows = bench.bench_ops(sizes=(40,), dim=8, repeats=1, reference_max=40)
     assert [(r["n"], r["data"]) for r in rows] == [(40, "blobs"), (40, "random")]
     assert all(r["dbdpc_s"] > 0 and r["matmul_s"] > 0 and r["reference_s"] is not None for r in rows)
+    assert [r["form"] for r in rows] == ["matrix", "matrix"]
+    blocked = bench.bench_ops(
+        sizes=(300,), dim=8, repeats=1, kinds=("blobs",), matrix_max_points=0, matmul_max=0
+    )
+    assert blocked[0]["form"] == "blocked" and blocked[0]["matmul_s"] is None and blocked[0]["pass_s"] > 0
+    assert blocked[0]["clusters"] == dbdpc(bench.make_points("blobs", 300, 8), 0.21)[0].numel()
     assert bench.main(["ops", "--sizes", "30", "--dim", "8", "--repeats", "1", "--data", "random"]) == 0
+    assert (
+        bench.main(["ops", "--sizes", "130", "--dim", "8", "--repeats", "1", "--matrix-max-points", "0"]) == 0
+    )
     assert "random" in capsys.readouterr().out
+
+
+# ---- blocked form (no N x N matrix): the same centers and labels as the stored matrix ---------------
+
+
+def _both_forms(x, cutoff, block_size=128, **kw):
+    stored = dbdpc(x, cutoff, block_size=block_size, matrix_max_points=x.shape[0], **kw)
+    blocked = dbdpc(x, cutoff, block_size=block_size, matrix_max_points=0, **kw)
+    return stored, blocked
+
+
+@pytest.mark.parametrize(("n", "dim", "k", "spread", "cutoff", "kernel"), CASES)
+@pytest.mark.parametrize("tile_items", [None, 17, 64])  # None: the real tile size
+def test_blocked_equals_stored_on_the_oracle_cases(
+    monkeypatch, n, dim, k, spread, cutoff, kernel, tile_items
+):
+    if tile_items is not None:  # tiles of tile_items // n rows: 17 divides none of these N
+        monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", tile_items * n)
+    x = _blobs(n, dim, k, spread, seed=n + dim)
+    dist = cosine_distances(x)
+    ref_centers, ref_labels = _reference_dbdpc(
+        dist.double().tolist(), density(dist, 2.0, kernel).tolist(), cutoff
+    )
+    for block_size in (1, 5, 9, 128, 1000):
+        stored, blocked = _both_forms(x, cutoff, block_size, kernel=kernel)
+        assert stored[0].tolist() == blocked[0].tolist() == ref_centers
+        assert stored[1].tolist() == blocked[1].tolist() == ref_labels
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 90),
+    dim=st.integers(2, 8),
+    k=st.integers(1, 6),
+    spread=st.floats(0.0, 1.0),
+    cutoff=st.sampled_from([0.0, 0.05, 0.21, 0.5, 1.0, 1.5]),
+    duplicates=st.integers(0, 30),
+    zeros=st.integers(0, 3),
+    block_size=st.integers(1, 20),
+    tile_rows=st.integers(1, 12),
+    seed=st.integers(0, 10_000),
+)
+def test_blocked_equals_stored_with_ties_and_duplicates(
+    n, dim, k, spread, cutoff, duplicates, zeros, block_size, tile_rows, seed
+):
+    """Exact duplicates and zero vectors give exactly equal distances and densities (ties)."""
+    x = _blobs(n, dim, k, spread, seed)
+    g = torch.Generator().manual_seed(seed)
+    copies = x[torch.randint(0, n, (duplicates,), generator=g)]
+    x = torch.cat([x, copies, torch.zeros(zeros, dim)])[torch.randperm(n + duplicates + zeros, generator=g)]
+    saved = dbdpc_module._MATMUL_ITEMS
+    dbdpc_module._MATMUL_ITEMS = tile_rows * x.shape[0]  # hypothesis forbids the monkeypatch fixture
+    try:
+        stored, blocked = _both_forms(x, cutoff, block_size)
+        dist = cosine_distances(x)
+    finally:
+        dbdpc_module._MATMUL_ITEMS = saved
+    ref_centers, ref_labels = _reference_dbdpc(dist.double().tolist(), density(dist).tolist(), cutoff)
+    assert stored[0].tolist() == blocked[0].tolist() == ref_centers
+    assert stored[1].tolist() == blocked[1].tolist() == ref_labels
+
+
+def test_recomputed_rows_have_the_bits_of_the_stored_matrix(monkeypatch):
+    """The premise of the blocked form: a row recomputed among any other rows (here a 1-row and a
+    2-row gather, where MKL's own 1- and 2-row products differ from wider ones) has the same bits."""
+    n = 301
+    monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 40 * n)  # 8 tiles of 38 rows, the last padded
+    x = _blobs(n, 48, 9, 0.1, seed=5)
+    xn = dbdpc_module.normalize_rows(x)
+    dist, rho, row_near, rows_of = dbdpc_module._distance_pass(xn, 2.0, "gaussian", 0.21, store=True)
+    assert rows_of.rows_per_tile == 38 and dist.shape == (n, n)
+    out = torch.empty(38, n)
+    for idx in ([7], [300, 0], list(range(150, 188)), torch.randperm(n)[:38].tolist()):
+        idx = torch.tensor(idx)
+        assert torch.equal(rows_of(idx, out), dist[idx])
+    scratch_dist, scratch_rho, scratch_near, _ = dbdpc_module._distance_pass(
+        xn, 2.0, "gaussian", 0.21, store=False
+    )
+    assert scratch_dist.shape == (38, n)  # blocked: one tile, no N x N buffer
+    assert torch.equal(scratch_rho, rho) and torch.equal(scratch_near, row_near)
+    assert torch.equal(density(dist), rho)
+
+
+def test_auto_threshold_picks_the_form(monkeypatch):
+    """N <= matrix_max_points stores the matrix; above it the first pass allocates one tile only."""
+    shapes = []
+    real = dbdpc_module._distance_pass
+
+    def spy(xn, dn, kernel, cutoff, store):
+        out = real(xn, dn, kernel, cutoff, store)
+        shapes.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(dbdpc_module, "_distance_pass", spy)
+    x = _blobs(500, 8, 5, 0.1, seed=1)
+    monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 100 * 500)
+    a = dbdpc(x, 0.2, matrix_max_points=500)
+    b = dbdpc(x, 0.2, matrix_max_points=499)
+    assert shapes == [(500, 500), (100, 500)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert dbdpc_module.MATRIX_MAX_POINTS == 8192
+    with pytest.raises(ValueError, match="matrix_max_points must be an int >= 0, got -1"):
+        dbdpc(x, 0.2, matrix_max_points=-1)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
+        dbdpc(x, 0.2, block_size=0)
+
+
+@pytest.mark.parametrize("matrix_max_points", [0, 8192])
+def test_works_with_gradients_enabled(matrix_max_points):
+    """A model run with autograd on: the old in-place `out=` matmul raised "mm(): functions with
+    out=... arguments don't support automatic differentiation"."""
+    x = _blobs(120, 16, 6, 0.1, seed=2).requires_grad_()
+    want = dbdpc(x.detach(), 0.2)
+    got = dbdpc(x, 0.2, matrix_max_points=matrix_max_points)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert retrieve(x, x[:10], 0.3).tolist() == retrieve(x.detach(), x[:10].detach(), 0.3).tolist()
+    assert torch.equal(cosine_distances(x), cosine_distances(x.detach()))
+
+
+def test_budget_cutoff_search_uses_the_configured_memory_form(monkeypatch):
+    """The cutoff search of a token budget runs DBDPC in the configured form (blocked above
+    `dbdpc_matrix_max_points`), with the same answer as the stored form."""
+    from pact.methods.budget import dbdpc_cutoff_for
+
+    op = dbdpc_module
+
+    seen = []
+    real = op.dbdpc
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("matrix_max_points"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(op, "dbdpc", spy)
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
+    blocked = dbdpc_cutoff_for(x, 12, matrix_max_points=0)
+    assert seen and set(seen) == {0}
+    assert blocked == dbdpc_cutoff_for(x, 12)

@@ -103,18 +103,28 @@ def search_threshold(
 
 
 def dbdpc_cutoff_for(
-    x: torch.Tensor, target: int, dn: float = 2.0, kernel: str = "gaussian", iters: int = 24
+    x: torch.Tensor,
+    target: int,
+    dn: float = 2.0,
+    kernel: str = "gaussian",
+    iters: int = 24,
+    matrix_max_points: int | None = None,
 ) -> float:
     """DBDPC cutoff whose number of centers over the points ``x`` (S, F) is closest to ``target``
     (ties: the count not above it). The count only falls as the cutoff grows; cosine distances lie in
     [0, 2], so the search runs over [1e-6, 2]. For PACT with a budget: keep ``keep_ratio``, cluster the
-    kept tokens with this cutoff."""
-    from pact.ops.dbdpc import dbdpc
+    kept tokens with this cutoff. ``matrix_max_points``: DBDPC's memory form (None: the op's default)."""
+    from pact.ops.dbdpc import MATRIX_MAX_POINTS, dbdpc
 
     if x.shape[0] == 0:
         return 2.0
+    limit = MATRIX_MAX_POINTS if matrix_max_points is None else matrix_max_points
     return search_threshold(
-        lambda c: int(dbdpc(x, c, dn, kernel=kernel)[0].numel()), target, 1e-6, 2.0, iters
+        lambda c: int(dbdpc(x, c, dn, kernel=kernel, matrix_max_points=limit)[0].numel()),
+        target,
+        1e-6,
+        2.0,
+        iters,
     )[0]
 
 

@@ -103,7 +103,13 @@ class Pact(Method):
             vis_features = vis_features[keep_topk(scores, keep_ratio)]
         if target == 0 or vis_features.shape[0] == 0:
             return keep_ratio, 2.0
-        cutoff = dbdpc_cutoff_for(vis_features, target, cfg.density_bandwidth, cfg.density_kernel)
+        cutoff = dbdpc_cutoff_for(
+            vis_features,
+            target,
+            cfg.density_bandwidth,
+            cfg.density_kernel,
+            matrix_max_points=cfg.dbdpc_matrix_max_points,
+        )
         return keep_ratio, cutoff
 
     def reduce(self, signals: Signals) -> Reduction:
@@ -129,6 +135,7 @@ class Pact(Method):
             retrieval_coef=cfg.retrieval_coef,
             dn=cfg.density_bandwidth,
             kernel=cfg.density_kernel,
+            matrix_max_points=cfg.dbdpc_matrix_max_points,
             merge_mean=cfg.merge_mean,
             prune=self.prune,
             cluster=self.cluster,

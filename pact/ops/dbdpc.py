@@ -22,20 +22,43 @@ matrix even if floating-point rounding made it very slightly asymmetric. (Densit
 sums, so two points in symmetric positions can still differ in the last bit: the tie rule only
 applies to exactly equal values.)
 
-Speed: the N x N distance matrix is the only N x N buffer. It is built with row-chunked matmuls
-written in place, and 1 - cos, the density and each row's nearest other point are computed on ~1 MiB
-slices while they are hot in cache. Center selection uses the principle of the paper's appendix D
-(a point none of whose denser, still undecided points is within the cutoff is certainly a center;
-the points within the cutoff of a center are certainly not) on blocks of the density order:
+Distance rows: every distance is computed as part of one fixed-shape tile, the matmul of T unit
+rows (gathered into a tile buffer; rows past the last real one are stale and never read) with all N
+unit rows, then 1 - cos clamped at 0 and a zero self-distance. T depends on N only (about 32 MiB of
+distances per tile: T = N up to N = 2896, 128 rows at N = 65,536). A matmul's result for one element
+can depend on the call's shape (MKL computes 1- and 2-row products differently from wider ones,
+cuBLAS picks its kernel by shape), never on the values of the other rows, so a distance row has the
+same bits whichever rows share its tile: this is what lets the blocked form below recompute rows and
+still take exactly the decisions the stored matrix gives.
+
+Memory (`matrix_max_points`): for N <= matrix_max_points (default 8192, a 256 MiB matrix) the N x N
+distance matrix is stored by the first pass and read by the center walk; above it ("blocked"), no
+N x N buffer exists: the first pass keeps only the densities and a "has a neighbour" flag per row,
+and the walk recomputes the rows it reads (those of points with a neighbour within the cutoff, T at
+a time: the next T such points still undecided, in density order, so each tile serves several walk
+blocks). Extra memory is then the normalised copy of x, O(N) vectors and max(T, block_size) x N
+distances (32 MiB at N = 65,536); the matmul work at most about doubles. Both forms give the same
+centers and labels, bit for bit: they share the first pass (so the densities and the density order
+are identical) and read the same distance bits.
+
+Speed: the first pass computes the rows tile by tile; 1 - cos, the density and each row's nearest
+other point are computed on ~1 MiB slices while they are hot in cache. Center selection uses the
+principle of the paper's appendix D (a point none of whose denser, still undecided points is within
+the cutoff is certainly a center; the points within the cutoff of a center are certainly not) on
+blocks of the density order:
 - the next block is the first `block_size` still-undecided points in density order;
 - inside it, vectorised rounds on its small adjacency matrix resolve the sequential rule (each round
   decides every point whose denser neighbours are all decided, so the number of rounds is the
   longest chain of denser neighbours in the block, not its size);
 - one vectorised pass over the new centers' rows then removes the points they exclude from all
   later blocks and keeps a running nearest center, so no separate assignment pass is needed.
-Centers whose row has no other point within the cutoff (on data without cluster structure, nearly
-all of them) exclude nobody and are nobody's nearest center: their rows are never read. Host
-synchronisations: a few per block plus one per round, never one per point.
+Points whose row has no other point within the cutoff (on data without cluster structure, nearly
+all of them) exclude nobody and are nobody's nearest center: their rows are never read (nor
+recomputed). Host synchronisations: a few per block plus one per round, never one per point.
+
+Gradients: the clustering is a discrete decision; it is computed without autograd on detached
+inputs (a model run with gradients enabled gets the same indices), and only the merged means that
+use the labels (`pact.ops.merge`) carry gradients.
 """
 
 from __future__ import annotations
@@ -47,7 +70,8 @@ from pact.ops.scoring import check_finite
 _NORM_EPS = 1e-12
 _KERNELS = ("gaussian", "exponential")
 _ELEMENTWISE_ITEMS = 1 << 18  # rows of this many floats (1 MiB) stay in cache for the density passes
-_MATMUL_ITEMS = 1 << 23  # 32 MiB of the distance matrix per matmul call
+_MATMUL_ITEMS = 1 << 23  # 32 MiB of distances per matmul call (DBDPC tiles, retrieval chunks)
+MATRIX_MAX_POINTS = 8192  # default: store the N x N matrix (256 MiB) up to this N, blocked above
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +97,13 @@ def _check_cutoff(cutoff: float, dn: float, kernel: str) -> None:
         raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
 
 
+def _check_sizes(block_size: int, matrix_max_points: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if isinstance(matrix_max_points, bool) or not isinstance(matrix_max_points, int) or matrix_max_points < 0:
+        raise ValueError(f"matrix_max_points must be an int >= 0, got {matrix_max_points!r}")
+
+
 def _kernel_row_sums(dist_rows: torch.Tensor, dn: float, kernel: str, tmp: torch.Tensor) -> torch.Tensor:
     """sum_j k(d_ij) for a (r, N) block of distances, using `tmp` (>= r rows) as scratch."""
     t = tmp[: dist_rows.shape[0]]
@@ -83,50 +114,151 @@ def _kernel_row_sums(dist_rows: torch.Tensor, dn: float, kernel: str, tmp: torch
     return t.exp_().sum(1)
 
 
+def _tile_rows(n: int) -> int:
+    """T: rows of every distance tile for N points (~_MATMUL_ITEMS distances, tiles of equal size)."""
+    tiles = -(-n // max(1, _MATMUL_ITEMS // max(1, n)))
+    return max(1, -(-n // max(1, tiles)))
+
+
 def _elementwise_rows(n: int) -> int:
     return max(1, _ELEMENTWISE_ITEMS // max(1, n))
 
 
-@torch.no_grad()  # discrete decisions only; the in-place `out=` matmuls cannot be differentiated
-def _distance_pass(
-    x: torch.Tensor, dn: float, kernel: str, cutoff: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distance matrix, densities and "has a neighbour" flags in one chunked pass.
+def _row_slices(n: int) -> list[tuple[int, int]]:
+    """The (start, stop) row slices of the density pass: ~1 MiB each, never across a tile boundary.
 
-    Returns dist float32 (N, N), rho float32 (N,) and row_near bool (N,): whether some OTHER point
-    is within `cutoff` in that row of dist.
+    `density` and the first pass of `dbdpc` sum exactly the same slices, hence the same bits.
     """
-    xn = normalize_rows(x)
+    step, t = _elementwise_rows(n), _tile_rows(n)
+    tiles = ((a, min(a + t, n)) for a in range(0, n, t))
+    return [(s, min(s + step, b)) for a, b in tiles for s in range(a, b, step)]
+
+
+class _DistanceRows:
+    """Rows of the N x N distance matrix, in fixed-shape (T, N) tiles (module docstring)."""
+
+    def __init__(self, xn: torch.Tensor) -> None:
+        n, d = xn.shape
+        self.xn = xn
+        self.xt = xn.T
+        self.rows_per_tile = _tile_rows(n)
+        self.tile = torch.zeros(self.rows_per_tile, d, dtype=torch.float32, device=xn.device)
+
+    def __call__(self, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Distance rows of the k <= T points idx, written into out (T, N) float32.
+
+        Returns out[:k], the rows max(0, 1 - cos) with a zero self-distance; rows k.. are scratch.
+        """
+        k = idx.numel()
+        torch.index_select(self.xn, 0, idx, out=self.tile[:k])  # rows k.. keep old rows: never read
+        torch.mm(self.tile, self.xt, out=out)  # always (T, D) @ (D, N): the same bits for a row
+        rows = out[:k]
+        torch.sub(1.0, rows, out=rows).clamp_(min=0.0)  # rounding can push cos > 1
+        rows[torch.arange(k, device=idx.device), idx] = 0.0
+        return rows
+
+
+def _distance_pass(
+    xn: torch.Tensor, dn: float, kernel: str, cutoff: float, store: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _DistanceRows]:
+    """First pass over every distance row: densities and "has a neighbour" flags, and the matrix.
+
+    xn: (N, D) float32 unit rows. Returns dist: float32 (N, N) if `store`, else the (T, N) scratch
+    tile (the blocked form reuses it); rho float32 (N,); row_near bool (N,), whether some OTHER
+    point is within `cutoff` in that row; and the row source.
+    """
     n = xn.shape[0]
-    dist = torch.empty(n, n, dtype=torch.float32, device=xn.device)
+    distance_rows = _DistanceRows(xn)
+    t = distance_rows.rows_per_tile
+    # The stored matrix gets the last tile's padding rows too, so every tile is written in place.
+    buffer = torch.empty(-(-n // t) * t if store else t, n, dtype=torch.float32, device=xn.device)
     rho = torch.empty(n, dtype=torch.float32, device=xn.device)
     nearest_other = torch.empty(n, dtype=torch.float32, device=xn.device)
-    mm_rows = max(1, _MATMUL_ITEMS // max(1, n))
-    ew_rows = _elementwise_rows(n)
-    tmp = torch.empty(min(ew_rows, n), n, dtype=torch.float32, device=xn.device)
-    xt = xn.T
-    one = torch.ones((), dtype=torch.float32, device=xn.device)
-    for a in range(0, n, mm_rows):
-        b = min(n, a + mm_rows)
-        torch.mm(xn[a:b], xt, out=dist[a:b])  # cosines, written in place: no second N x N buffer
-        for s in range(a, b, ew_rows):  # ~1 MiB of rows at a time, so the passes below hit the cache
-            e = min(b, s + ew_rows)
-            rows = torch.sub(one, dist[s:e], out=dist[s:e]).clamp_(min=0.0)  # rounding can push cos > 1
+    tmp = torch.empty(min(_elementwise_rows(n), n), n, dtype=torch.float32, device=xn.device)
+    step = _elementwise_rows(n)
+    for a in range(0, n, t):
+        b = min(n, a + t)
+        tile = distance_rows(torch.arange(a, b, device=xn.device), buffer[a : a + t] if store else buffer)
+        for s in range(a, b, step):  # the slices of `_row_slices`
+            e = min(s + step, b)
+            rows = tile[s - a : e - a]  # ~1 MiB, hot in cache for the passes below
             diagonal = rows[:, s:e].diagonal()
             diagonal.fill_(float("inf"))
             nearest_other[s:e] = rows.amin(1)
             diagonal.zero_()
             rho[s:e] = _kernel_row_sums(rows, dn, kernel, tmp)
-    return dist, rho, nearest_other <= cutoff
+    return buffer[:n] if store else buffer, rho, nearest_other <= cutoff, distance_rows
+
+
+class _StoredRows:
+    """The walk's view of a stored (N, N) distance matrix."""
+
+    def __init__(self, dist: torch.Tensor) -> None:
+        self.dist = dist
+
+    def prepare(self, points: torch.Tensor, upcoming: torch.Tensor) -> None:
+        """Nothing to do: every row is there."""
+
+    def columns(self, points: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(k, m) distances d[points, cols], read from the points' rows."""
+        return self.dist[points[:, None], cols[None, :]]
+
+    def rows(self, points: torch.Tensor) -> torch.Tensor:
+        """(k, N) distance rows of points."""
+        return self.dist.index_select(0, points)
+
+
+class _RecomputedRows:
+    """The walk's view of the distance matrix without storing it: a cache of recomputed rows.
+
+    `prepare(points, upcoming)` makes sure the rows of `points` (the current block's points with a
+    neighbour) are cached; when one is missing, the cache is refilled with the rows of `points` and
+    of the next points of `upcoming` (the rest of the queue, density order) that have a neighbour,
+    up to the cache size. The queue keeps its order and only loses points, so the next refill
+    starts past the previous one: every row is computed about once.
+    """
+
+    def __init__(
+        self, distance_rows: _DistanceRows, scratch: torch.Tensor, row_near: torch.Tensor, block_size: int
+    ):
+        t = distance_rows.rows_per_tile
+        n = row_near.shape[0]
+        self.distance_rows = distance_rows
+        self.row_near = row_near
+        capacity = -(-max(block_size, t) // t) * t  # whole tiles, at least one walk block
+        if capacity == scratch.shape[0]:
+            self.cache = scratch  # the first pass's tile buffer, free now
+        else:
+            self.cache = torch.empty(capacity, n, dtype=torch.float32, device=scratch.device)
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=row_near.device)
+
+    def prepare(self, points: torch.Tensor, upcoming: torch.Tensor) -> None:
+        if bool((self.slot[points] >= 0).all()):
+            return
+        t, capacity = self.distance_rows.rows_per_tile, self.cache.shape[0]
+        upcoming = upcoming[self.row_near[upcoming]][: capacity - points.numel()]
+        wanted = torch.cat([points, upcoming])
+        self.slot.fill_(-1)
+        self.slot[wanted] = torch.arange(wanted.numel(), device=wanted.device)
+        for s in range(0, wanted.numel(), t):
+            self.distance_rows(wanted[s : s + t], self.cache[s : s + t])
+
+    def columns(self, points: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.cache[self.slot[points][:, None], cols[None, :]]
+
+    def rows(self, points: torch.Tensor) -> torch.Tensor:
+        return self.cache.index_select(0, self.slot[points])
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     """(N, D) any float dtype -> float32 (N, N) matrix max(0, 1 - cos) with a zero diagonal.
 
-    Bit-identical to the matrix `dbdpc` works on.
+    Bit-identical to the matrix `dbdpc` works on (stored or recomputed).
     """
     _check_points(x)
-    return _distance_pass(x, 2.0, "gaussian", 0.0)[0]
+    with torch.no_grad():
+        dist = _distance_pass(normalize_rows(x.detach()), 2.0, "gaussian", 0.0, store=True)[0]
+    return dist
 
 
 def density(dist: torch.Tensor, dn: float = 2.0, kernel: str = "gaussian") -> torch.Tensor:
@@ -136,11 +268,10 @@ def density(dist: torch.Tensor, dn: float = 2.0, kernel: str = "gaussian") -> to
     """
     _check_cutoff(0.0, dn, kernel)
     n = dist.shape[0]
-    dist = dist.float()
-    rows = _elementwise_rows(n)
-    tmp = torch.empty(min(rows, n), n, dtype=torch.float32, device=dist.device)
+    dist = dist.detach().float()
+    tmp = torch.empty(min(_elementwise_rows(n), n), n, dtype=torch.float32, device=dist.device)
     return torch.cat(
-        [_kernel_row_sums(dist[s : s + rows], dn, kernel, tmp) for s in range(0, n, rows)]
+        [_kernel_row_sums(dist[s:e], dn, kernel, tmp) for s, e in _row_slices(n)]
         or [torch.zeros(0, device=dist.device)]
     )
 
@@ -178,31 +309,41 @@ def _resolve_block(adjacent: torch.Tensor) -> torch.Tensor:
 
 
 def _select_and_assign(
-    dist: torch.Tensor, rho: torch.Tensor, cutoff: float, row_near: torch.Tensor, block_size: int
+    source: _StoredRows | _RecomputedRows,
+    rho: torch.Tensor,
+    cutoff: float,
+    row_near: torch.Tensor,
+    block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Centers by the sequential rule, and each point's nearest center (module docstring).
 
-    row_near: (N,) bool, whether row i of dist has another point within the cutoff; a center whose
-    row has none can exclude nobody and be nobody else's nearest center, so its row is never read.
+    source: the distance rows, stored or recomputed (same bits).
+    row_near: (N,) bool, whether row i has another point within the cutoff; a point whose row has
+    none can exclude nobody and be nobody else's nearest center, so its row is never read.
     """
-    n = dist.shape[0]
-    device = dist.device
+    n = rho.shape[0]
+    device = rho.device
     is_center = torch.zeros(n, dtype=torch.bool, device=device)
     nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=device)  # to the centers so far
     labels = torch.arange(n, device=device)
     queue = density_order(rho)  # the undecided points, in density order
     while queue.numel():
         block, queue = queue[:block_size], queue[block_size:]
-        if not bool(row_near[block].any()):
+        near = row_near[block].nonzero().squeeze(1)  # block positions whose row reaches somebody
+        if not near.numel():
             # Nobody in the block reaches anybody: all are centers and nothing changes for the rest
             # (the common case on data without cluster structure).
             is_center[block] = True
             continue
-        centers = block[_resolve_block(dist[block[:, None], block[None, :]] <= cutoff)]
-        is_center[centers] = True
-        talkers = centers[row_near[centers]]
+        near_points = block[near]
+        source.prepare(near_points, queue)
+        adjacent = torch.zeros(block.numel(), block.numel(), dtype=torch.bool, device=device)
+        adjacent[near] = source.columns(near_points, block) <= cutoff  # other rows reach only themselves
+        is_block_center = _resolve_block(adjacent)
+        is_center[block[is_block_center]] = True
+        talkers = near_points[is_block_center[near]]  # new centers with a neighbour, in density order
         if talkers.numel():
-            dmin, arg = dist.index_select(0, talkers).min(0)  # first minimum = the densest center
+            dmin, arg = source.rows(talkers).min(0)  # first minimum = the densest center
             closer = dmin < nearest  # strict: an earlier (denser) center keeps ties
             nearest = torch.where(closer, dmin, nearest)
             labels = torch.where(closer, talkers[arg], labels)
@@ -227,19 +368,20 @@ def dbdpc_from_distances(
     Returns (centers LongTensor[C] ascending, labels LongTensor[N] = point index of each point's center).
     """
     _check_cutoff(cutoff, dn, kernel)
+    _check_sizes(block_size, 0)
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
     n = dist.shape[0]
     empty = torch.zeros(0, dtype=torch.long, device=dist.device)
     if n == 0:
         return empty, empty.clone()
-    dist = dist.float()
+    dist = dist.detach().float()
     check_finite(dist=dist)
     if bool(dist.diagonal().ne(0).any()):
         raise ValueError("dist must have a zero diagonal")
-    rho = density(dist, dn, kernel) if rho is None else rho.float()
+    rho = density(dist, dn, kernel) if rho is None else rho.detach().float()
     row_near = (dist <= cutoff).sum(1) > 1  # the zero diagonal always counts once
-    return _select_and_assign(dist, rho, cutoff, row_near, block_size)
+    return _select_and_assign(_StoredRows(dist), rho, cutoff, row_near, block_size)
 
 
 def dbdpc(
@@ -249,30 +391,43 @@ def dbdpc(
     *,
     kernel: str = "gaussian",
     block_size: int = 128,
+    matrix_max_points: int = MATRIX_MAX_POINTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance-bounded density-peak clustering of N points (paper Algorithm 2).
 
     Args:
-        x: (N, D) clustering vectors in any float dtype (computed in float32).
+        x: (N, D) clustering vectors in any float dtype (computed in float32; never differentiated).
         cutoff: d_c; centers are pairwise farther than it and every point is within it of its center.
         dn: density bandwidth d_n (the reference hard-codes 2).
         kernel: "gaussian" exp(-(d/dn)^2) (reference code) or "exponential" exp(-d/dn) (paper eq. 6).
         block_size: points resolved together in the center-selection walk (speed only).
+        matrix_max_points: store the N x N distance matrix when N <= this (fastest), else recompute
+            distance rows in tiles (no N x N buffer). Same result either way; 0 = always blocked.
 
     Returns:
         centers: LongTensor[C], ascending point indices of the cluster centers.
         labels: LongTensor[N], point index of each point's (nearest) center; labels[c] == c.
 
-    Raises ValueError on NaN/Inf input. Memory: one float32 N x N matrix plus O(N) and per-chunk buffers.
+    Raises ValueError on NaN/Inf input. Memory: the normalised float32 copy of x, O(N) vectors, and
+    either the float32 N x N matrix (N <= matrix_max_points) or max(T, block_size) x N distance rows
+    (T ~ 32 MiB / (4 N) rows, see the module docstring).
     """
     _check_cutoff(cutoff, dn, kernel)
+    _check_sizes(block_size, matrix_max_points)
     _check_points(x)
     n = x.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return empty, empty.clone()
-    dist, rho, row_near = _distance_pass(x, dn, kernel, cutoff)
-    return _select_and_assign(dist, rho, cutoff, row_near, block_size)
+    with torch.no_grad():
+        store = n <= matrix_max_points
+        dist, rho, row_near, distance_rows = _distance_pass(
+            normalize_rows(x.detach()), dn, kernel, cutoff, store
+        )
+        # Blocked: the first pass's (T, N) tile buffer becomes the row cache.
+        blocked = None if store else _RecomputedRows(distance_rows, dist, row_near, block_size)
+        source = _StoredRows(dist) if blocked is None else blocked
+        return _select_and_assign(source, rho, cutoff, row_near, block_size)
 
 
 def retrieve(points: torch.Tensor, centers: torch.Tensor, max_distance: float) -> torch.Tensor:
@@ -295,8 +450,14 @@ def retrieve(points: torch.Tensor, centers: torch.Tensor, max_distance: float) -
         return torch.full((m,), -1, dtype=torch.long, device=points.device)
     if points.shape[1] != centers.shape[1]:
         raise ValueError(f"points width {points.shape[1]} != centers width {centers.shape[1]}")
-    pn, cn = normalize_rows(points), normalize_rows(centers)
-    rows = max(1, _MATMUL_ITEMS // centers.shape[0])  # bound the (rows, C) distance chunk
+    with torch.no_grad():  # a discrete decision: never differentiated (module docstring)
+        return _retrieve(normalize_rows(points.detach()), normalize_rows(centers.detach()), max_distance)
+
+
+def _retrieve(pn: torch.Tensor, cn: torch.Tensor, max_distance: float) -> torch.Tensor:
+    """`retrieve` on unit rows: (M, F), (C, F) float32 -> LongTensor[M]."""
+    m = pn.shape[0]
+    rows = max(1, _MATMUL_ITEMS // cn.shape[0])  # bound the (rows, C) distance chunk: O(C) memory
     labels = []
     for s in range(0, m, rows):
         dist = (1.0 - pn[s : s + rows] @ cn.T).clamp_(min=0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pact.ops.dbdpc import dbdpc, retrieve
+from pact.ops.dbdpc import MATRIX_MAX_POINTS, dbdpc, retrieve
 from pact.ops.merge import reduction_from_clusters, reduction_from_keep
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import euti_scores, keep_topk
@@ -29,6 +29,7 @@ def pact_reduce(
     retrieval_coef: float = 1.5,
     dn: float = 2.0,
     kernel: str = "gaussian",
+    matrix_max_points: int = MATRIX_MAX_POINTS,
     merge_mean: bool = True,
     prune: bool = True,
     cluster: bool = True,
@@ -49,6 +50,8 @@ def pact_reduce(
         cutoff: DBDPC cutoff d_c.
         retrieval: give pruned tokens within retrieval_coef * cutoff (<=) back to their nearest center.
         dn, kernel: DBDPC density bandwidth and kernel (see `pact.ops.dbdpc`).
+        matrix_max_points: DBDPC stores its N x N distance matrix up to this many kept tokens and
+            recomputes distance rows in tiles above (same result, no N x N buffer).
         merge_mean: merged token = unweighted mean of all members (kept + retrieved), else the
             center keeps its own hidden state.
         prune / cluster: switch EUTI / DBDPC off for the ablations (see the module docstring).
@@ -56,6 +59,11 @@ def pact_reduce(
 
     Returns:
         Reduction over the N visual tokens (scores = EUTI scores when pruning, else None).
+
+    Memory is linear in N above `matrix_max_points` (EUTI: one (H, T) logit row per head; DBDPC:
+    tiles of distance rows; retrieval: ~32 MiB chunks). The choices (EUTI's top-k, DBDPC,
+    retrieval) are discrete and computed without autograd; the merged hidden states are means of
+    `hidden`'s rows and keep their gradients.
     """
     if features.dim() != 2 or features.shape[0] != hidden.shape[0]:
         raise ValueError(f"features must be (T={hidden.shape[0]}, F), got {tuple(features.shape)}")
@@ -85,7 +93,9 @@ def pact_reduce(
         return reduction_from_keep(keep, n, scores=scores)
 
     vis_features = features[vis]
-    centers_local, labels_local = dbdpc(vis_features[keep], cutoff, dn, kernel=kernel)
+    centers_local, labels_local = dbdpc(
+        vis_features[keep], cutoff, dn, kernel=kernel, matrix_max_points=matrix_max_points
+    )
     centers = keep[centers_local]  # visual-token indices
     labels = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
     labels[keep] = keep[labels_local]

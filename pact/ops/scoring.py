@@ -109,6 +109,10 @@ def euti_scores(
 
     Returns:
         float32 (N,) scores of the N visual tokens, in sequence order. Empty if N == 0.
+
+    Memory is linear in T (one (H, S) logit row per head, never a T x T attention matrix), so an
+    hour of video needs no blocked form. Under autograd the scores are differentiable; PACT only
+    uses them through the discrete top-k.
     """
     _check_choice("support", support, ("prefix", "visual"))
     _check_choice("query_from", query_from, ("prefix", "visual"))
