@@ -3,22 +3,30 @@
 Nothing is patched or replaced: ``Engine.install`` registers per-instance forward (pre-)hooks and
 ``Engine.remove`` takes them off again, after which the model is the stock model bit for bit.
 
-    VLM  (pre-hook)       every call: prefill (empty/absent cache) or cached step; at prefill reset
-                          the call state and find the visual patch tokens from input_ids
-    text model (pre)      capture the rotary position ids (A, B, T) of the prefill (renumber: of
-                          each cached step too)
-    layer i (pre)         i == a reduction layer: ask the method, per sample, for a Reduction, then
-                          build the reduced, left-padded batch; i >= L: feed the layer the reduced
-                          hidden states, gathered cos/sin, key bias (sdpa) or 4-D mask; cached steps:
-                          the mask over the layer's own cache length (key bias of the reduced
-                          prefix, 0 for later tokens)
-    text model (post)     prefill: scatter the last hidden state back to the input length
+    VLM (pre)             ``_on_model_call``, every call: prefill (empty/absent cache) or cached
+                          step; a prefill starts a new CallState and finds the visual patch tokens
+                          from input_ids
+    text model (pre)      ``_capture_positions``: the rotary position ids (A, B, T) of the prefill
+                          (renumber: of each cached step too)
+    layer i (pre)         ``_reduce_and_feed_hook(i)``: i a reduction layer: ask the method, per
+                          sample, for a Reduction and build the reduced, left-padded batch; i >= L:
+                          feed the layer the reduced hidden states, cos/sin, key bias (sdpa) or 4-D
+                          mask; cached steps: the mask over the layer's own cache length (key bias
+                          of the reduced prefix, 0 for later tokens)
+    text model (post)     ``_restore_length``: prefill, scatter the last hidden state back to the
+                          input length
+
+The model-free bookkeeping of a step (per-sample plans, left-padded packing, the new Layout, step
+records in original indices) is pure functions in ``pact.packing``; this module calls the model
+(method, queries/keys, rotary tables, masks) and keeps the per-call state: ``CallState`` = what is
+fixed for the prefill (``Prefill``), what the reductions produce (``Reduced``: layout, per-layer
+key bias, ``ReductionRecord``s on device) and where the current call is (``CallProgress``).
 
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
   A Reduction may reorder the kept visual tokens within their slots (``order``) and insert new
-  tokens after them (``extra``); each sample's new order is one ``_SamplePlan``.
+  tokens after them (``extra``); each sample's new order is one ``pact.packing.SamplePlan``.
 - position_mode="renumber" on 1-D RoPE: layers >= L get contiguous positions over each sample's
   reduced sequence (cos/sin recomputed with the model's rotary module) and, in cached steps, the
   stock position ids minus the tokens removed up to that layer, so decoding continues from the
@@ -59,39 +67,25 @@ from pact.methods.base import Method, Signals
 from pact.models.base import ModelAdapter
 from pact.ops.attention import build_attention_mask
 from pact.ops.reduction import Reduction
+from pact.packing import (
+    Layout,
+    ReductionRecord,
+    SamplePlan,
+    first_positions,
+    gather_layout,
+    initial_layout,
+    pack_batch,
+    pack_hidden,
+    plan_sample,
+    renumbered_positions,
+    step_record,
+)
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Records and statistics
-
-
-@dataclass
-class ReductionRecord:
-    """What one reduction step did to one sample, in ORIGINAL visual-token indices (CPU tensors).
-
-    Attributes:
-        layer: decoder layer the step ran before.
-        kept: LongTensor[R], original visual indices of the visual tokens still in the sequence
-            after this step (a merged token is listed under its center's index).
-        labels: LongTensor[N0], for every original visual token the index into ``kept`` of the
-            token representing it after this step, -1 if it was pruned and dropped.
-        sizes: FloatTensor[R], how many original visual tokens each kept token stands for.
-        scores: FloatTensor[N0] importance scores of this step (NaN for tokens already gone), or None.
-        order: LongTensor[R], the order in which the kept tokens were placed in the sequence
-            (``kept[order[0]]`` first), or None for sequence order (``Reduction.order``).
-        extra: number of new tokens the step added after the kept visual tokens (``Reduction.extra``);
-            they represent no original token, so ``labels`` never point to them.
-    """
-
-    layer: int
-    kept: torch.Tensor
-    labels: torch.Tensor
-    sizes: torch.Tensor
-    scores: torch.Tensor | None = None
-    order: torch.Tensor | None = None
-    extra: int = 0
 
 
 @dataclass
@@ -164,64 +158,59 @@ class _Timer:
 
 
 @dataclass
-class Layout:
-    """The current (possibly reduced, left-padded) token layout of the batch, R slots per sample.
+class Prefill:
+    """What is fixed for one prefill and its cached continuation (set when the prefill starts; the
+    positions when the text model is called)."""
 
-    slot_orig: (B, R) long, original sequence index of the token in each slot, -1 for padding.
-    visual: (B, R) bool, current visual tokens (reduction candidates).
-    visual_index: (B, R) long, original visual-token index (per sample) of visual slots, else -1.
-    sizes: (B, R) float32, original tokens each slot stands for (1 for padding).
-    cos, sin: (B, R, head_dim) rotary tables of each slot.
-    positions: (A, B, R) long rotary position ids (A = 3 for M-RoPE, else 1).
-    key_bias: (B, R) float32, 0 / log(size) / -inf (padding), added to every query's logit on a key.
-    orig_to_slot: (B, T) long, slot holding the representative of each original position.
-    """
+    active: bool = False  # a reduction runs in this prefill / applies to its cached steps
+    fast: bool = False  # layers >= L get the key bias as ``pact_key_bias`` (causal SDPA), no mask
+    batch: int = 0
+    length: int = 0  # T, the prefill's input length
+    valid: torch.Tensor | None = None  # (B, T) bool, attention_mask of the prefill
+    candidates: torch.Tensor | None = None  # (B, T) bool visual patch tokens
+    positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
+    visual_before: list[int] = field(default_factory=list)  # per sample, visual patch tokens
+    inputs: dict[str, Any] = field(default_factory=dict)  # the call's keyword arguments, for methods
 
-    slot_orig: torch.Tensor
-    visual: torch.Tensor
-    visual_index: torch.Tensor
-    sizes: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor
-    key_bias: torch.Tensor
-    orig_to_slot: torch.Tensor
-    mask: torch.Tensor | None = None  # what layers >= L receive as attention_mask (None: fast path)
+
+@dataclass
+class Reduced:
+    """What the reduction steps of a prefill produce, read by later layers and cached steps."""
+
+    layout: Layout | None = None  # None until the first reduction step
+    original_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, head_dim) unreduced cos/sin
+    first_position: torch.Tensor | None = None  # (B,) stock position of each sample's first token
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, T, D) of input_layers()
+    layer_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # key bias of each layer's prefix
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, R_i) non-padding prefix keys
+    records: list[list[ReductionRecord | None]] = field(default_factory=list)  # per step, per sample
+    layers_done: list[int] = field(default_factory=list)
+    timer: _Timer = field(default_factory=_Timer)
+
+
+@dataclass
+class CallProgress:
+    """Where the current forward call is on the unreduced timeline (updated every call)."""
+
+    is_prefill: bool = True
+    seen: int = 0  # tokens of the unreduced timeline processed so far (prefill + cached steps)
+    call_start: int = 0  # cached step: tokens of the unreduced timeline seen before this call
+    mask2d: torch.Tensor | None = None  # 2-D attention mask of the current call (all seen tokens)
+    # position_mode="renumber" (1-D RoPE), cached step: the step's stock position ids (1, B, q) and,
+    # per reduction step k, the cos/sin of the renumbered ones fed to layers between reduction k and
+    # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
+    decode_positions: torch.Tensor | None = None
+    decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
 class CallState:
     """Everything about the current prefill and its cached continuation (replaced every prefill)."""
 
-    active: bool = False  # a reduction runs in this prefill / applies to its cached steps
-    fast: bool = False  # layers >= L get the key bias as ``pact_key_bias`` (causal SDPA), no mask
-    prefill: bool = True  # the current forward call is the prefill
-    batch: int = 0
-    length: int = 0  # T, the prefill's input length
-    seen: int = 0  # tokens of the unreduced timeline processed so far (prefill + cached steps)
-    valid: torch.Tensor | None = None  # (B, T) bool, attention_mask of the prefill
-    candidates: torch.Tensor | None = None  # (B, T) bool visual patch tokens
-    mask2d: torch.Tensor | None = None  # 2-D attention mask of the current call (all seen tokens)
-    positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
-    call_start: int = 0  # cached step: tokens of the unreduced timeline seen before this call
-    # position_mode="renumber" (1-D RoPE), cached step: the step's stock position ids (1, B, q) and,
-    # per reduction step k, the cos/sin of the renumbered ones fed to layers between reduction k and
-    # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
-    decode_positions: torch.Tensor | None = None
-    decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    first_position: torch.Tensor | None = None  # (B,) stock position of each sample's first token
-    inputs: dict[str, Any] = field(default_factory=dict)
-    layout: Layout | None = None
-    layer_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # key bias of each layer's prefix
-    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, R_i) non-padding prefix keys
-    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    original_rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    context: dict[str, Any] = field(default_factory=dict)
-    records: list[list[ReductionRecord | None]] = field(default_factory=list)
-    raw_records: list[list[tuple | None]] = field(default_factory=list)
-    layers_done: list[int] = field(default_factory=list)
-    visual_before: list[int] = field(default_factory=list)
-    timer: _Timer = field(default_factory=_Timer)
+    prefill: Prefill = field(default_factory=Prefill)
+    reduced: Reduced = field(default_factory=Reduced)
+    call: CallProgress = field(default_factory=CallProgress)
+    context: dict[str, Any] = field(default_factory=dict)  # the method's per-prefill scratch space
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,18 +242,24 @@ class Engine:
         self._switched: list[Any] = []  # configs switched to PACT_SDPA by install
         self.handles: list[Any] = []
         self.state = CallState()
-        self._last_stats = ReductionStats()
+        # Engine.stats hands out CPU copies of the records, made once per prefill
+        self._cpu_records: list[list[ReductionRecord | None]] = []
+        self._cpu_records_of: Reduced | None = None
 
     # --- install / remove ---------------------------------------------------------------------
 
     def install(self) -> None:
         a = self.adapter
         try:
-            self.handles.append(a.vlm.register_forward_pre_hook(self._vlm_pre, with_kwargs=True))
-            self.handles.append(a.text_model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
-            self.handles.append(a.text_model.register_forward_hook(self._text_post, with_kwargs=True))
+            self.handles.append(a.vlm.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            self.handles.append(
+                a.text_model.register_forward_pre_hook(self._capture_positions, with_kwargs=True)
+            )
+            self.handles.append(a.text_model.register_forward_hook(self._restore_length, with_kwargs=True))
             for i, layer in enumerate(a.layers):
-                self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+                self.handles.append(
+                    layer.register_forward_pre_hook(self._reduce_and_feed_hook(i), with_kwargs=True)
+                )
             if self.method is not None:
                 self.handles.extend(self.method.install(self.model, a))
                 if self.fast_sdpa:
@@ -295,67 +290,63 @@ class Engine:
             attention_backend.switch_back(self._switched)
             self._switched = []
 
-    # --- stats --------------------------------------------------------------------------------
+    # --- read-only views ----------------------------------------------------------------------
+
+    @property
+    def layout(self) -> Layout | None:
+        """The batch's current token layout after the last prefill's reductions (None before the
+        first reduction step of a prefill, or without reduction). For tests and tools: read only."""
+        return self.state.reduced.layout
 
     def stats(self) -> ReductionStats:
-        st = self.state
-        if st.raw_records is not None and len(st.records) != len(st.raw_records):
-            st.records = [[self._to_record(r) for r in step] for step in st.raw_records]
-        after = list(st.visual_before)
+        """The reduction of the last prefill; records are CPU copies (made once per prefill)."""
+        pre, red = self.state.prefill, self.state.reduced
+        if len(self._cpu_records) != len(red.records) or self._cpu_records_of is not red:
+            self._cpu_records = [[None if r is None else r.to_cpu() for r in step] for step in red.records]
+            self._cpu_records_of = red
+        after = list(pre.visual_before)
         extra = [0] * len(after)
-        for step in st.records:  # the last step that saw a sample's visual tokens decides
+        for step in red.records:  # the last step that saw a sample's visual tokens decides
             for b, rec in enumerate(step):
                 if rec is not None:
                     after[b] = len(rec.kept)
                     extra[b] += rec.extra  # new tokens are no candidates of later steps: they stay
         after = [a + e for a, e in zip(after, extra, strict=True)]
         return ReductionStats(
-            visual_before=list(st.visual_before),
+            visual_before=list(pre.visual_before),
             visual_after=after,
-            layers=list(st.layers_done),
-            seconds_reducing=st.timer.seconds(),
-            records=st.records,
-        )
-
-    @staticmethod
-    def _to_record(raw: tuple | None) -> ReductionRecord | None:
-        if raw is None:
-            return None
-        layer, kept, labels, sizes, scores, order, extra = raw
-        return ReductionRecord(
-            layer=layer,
-            kept=kept.detach().cpu(),
-            labels=labels.detach().cpu(),
-            sizes=sizes.detach().float().cpu(),
-            scores=None if scores is None else scores.detach().float().cpu(),
-            order=None if order is None else order.detach().cpu(),
-            extra=extra,
+            layers=list(red.layers_done),
+            seconds_reducing=red.timer.seconds(),
+            records=self._cpu_records,
         )
 
     # --- hooks --------------------------------------------------------------------------------
 
-    def _vlm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """VLM pre-hook, every call: a prefill (empty or absent cache) starts a new ``CallState``; a
+        cached step advances the unreduced timeline (and supplies position ids when layer 0 is
+        reduced)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.ndim == 2):
-            mask2d = None if not self.state.active else mask2d
+            mask2d = None if not self.state.prefill.active else mask2d
             if mask2d is not None:
                 raise ValueError("pact needs a 2-D attention_mask (B, T) (got a prepared 4-D mask or a dict)")
         if past == 0:
             self._start_prefill(input_ids, mask2d, cache, kwargs)
             return args, kwargs
-        st = self.state
-        st.prefill = False
+        pre, call = self.state.prefill, self.state.call
+        call.is_prefill = False
         q = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
-        start = st.seen
-        st.call_start = start
-        st.decode_positions = None
-        st.decode_rope = {}
-        st.seen += q
-        st.mask2d = mask2d
-        if st.active and self.first_layer == 0 and kwargs.get("position_ids") is None:
+        start = call.seen
+        call.call_start = start
+        call.decode_positions = None
+        call.decode_rope = {}
+        call.seen += q
+        call.mask2d = mask2d
+        if pre.active and self.first_layer == 0 and kwargs.get("position_ids") is None:
             # Layer 0's cache is reduced, so the stock position ids (arange + layer-0 cache length)
             # would restart early; give the ones of the unreduced timeline.
             device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
@@ -368,24 +359,25 @@ class Engine:
             self.method.finish(self.state.context)
         st = CallState()
         self.state = st
+        pre, call = st.prefill, st.call
         if input_ids is None:
             embeds = kwargs.get("inputs_embeds")
-            st.batch, st.length = (
+            pre.batch, pre.length = (
                 (int(embeds.shape[0]), int(embeds.shape[1])) if embeds is not None else (0, 0)
             )
-            st.seen = st.length
-            st.visual_before = [0] * st.batch
+            call.seen = pre.length
+            pre.visual_before = [0] * pre.batch
             return
         B, T = input_ids.shape
-        st.batch, st.length, st.seen = int(B), int(T), int(T)
+        pre.batch, pre.length, call.seen = int(B), int(T), int(T)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
-        st.valid, st.mask2d = valid, mask2d
+        pre.valid, call.mask2d = valid, mask2d
         if self.method is None or not getattr(self.config, "reduction", True):
-            st.visual_before = [0] * st.batch
+            pre.visual_before = [0] * pre.batch
             return
         cand = self.adapter.candidate_mask(input_ids, kwargs) & valid
         counts = cand.sum(1).tolist()
-        st.visual_before = [int(c) for c in counts]
+        pre.visual_before = [int(c) for c in counts]
         if sum(counts) == 0:
             return  # text only: stock behaviour
         if cache is not None and not _is_dynamic_cache(cache):
@@ -393,26 +385,29 @@ class Engine:
                 "pact needs a DynamicCache (per-layer lengths differ after reduction); "
                 f"got {type(cache).__name__}"
             )
-        st.active = True
+        pre.active = True
         # Checked per call: another model sharing this config may have switched it back.
-        st.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
-        st.candidates = cand
-        st.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
-        st.inputs["input_ids"] = input_ids
-        self.method.prepare(self.model, self.adapter, st.inputs, st.context)
+        pre.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
+        pre.candidates = cand
+        pre.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
+        pre.inputs["input_ids"] = input_ids
+        self.method.prepare(self.model, self.adapter, pre.inputs, st.context)
 
-    def _text_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        st = self.state
-        if not st.active:
+    def _capture_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Text-model pre-hook: store the prefill's rotary position ids (and, under renumber, each
+        cached step's); a cached step with layer 0 reduced also gets the engine's mask here, so the
+        stock mask never reads layer 0's reduced cache length."""
+        pre, call, red = self.state.prefill, self.state.call, self.state.reduced
+        if not pre.active:
             return args, kwargs
-        if st.prefill:
+        if call.is_prefill:
             embeds = kwargs.get("inputs_embeds")
-            pos = self.adapter.normalize_positions(kwargs.get("position_ids"), st.batch)
+            pos = self.adapter.normalize_positions(kwargs.get("position_ids"), pre.batch)
             if pos is None:  # the stock default of a prefill: 0..T-1
-                pos = torch.arange(st.length, device=embeds.device)[None, None].expand(
-                    3 if self.adapter.mrope else 1, st.batch, st.length
+                pos = torch.arange(pre.length, device=embeds.device)[None, None].expand(
+                    3 if self.adapter.mrope else 1, pre.batch, pre.length
                 )
-            st.positions = pos
+            pre.positions = pos
         else:
             if self.first_layer == 0:
                 # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache
@@ -421,14 +416,14 @@ class Engine:
                 kwargs["attention_mask"] = self._decode_inputs(
                     0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
                 )[0]
-            if self.renumber and st.layout is not None:
+            if self.renumber and red.layout is not None:
                 # generate's (B, q) position ids, or the stock default on the unreduced timeline
                 embeds = kwargs["inputs_embeds"]
-                pos = self.adapter.normalize_positions(kwargs.get("position_ids"), st.batch)
+                pos = self.adapter.normalize_positions(kwargs.get("position_ids"), pre.batch)
                 if pos is None:
                     q = int(embeds.shape[1])
-                    pos = self.adapter.decode_position_ids(st.call_start, q, st.batch, embeds.device)[None]
-                st.decode_positions = pos.to(embeds.device)
+                    pos = self.adapter.decode_position_ids(call.call_start, q, pre.batch, embeds.device)[None]
+                call.decode_positions = pos.to(embeds.device)
         return args, kwargs
 
     def _renumbered_decode_rope(self, i: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,34 +431,41 @@ class Engine:
         step's stock position ids (unreduced timeline) minus, per sample, the tokens the reductions
         up to layer i removed (net of new tokens), so decoding continues right after the prompt as
         layer i saw it renumbered. Computed once per reduction step and shared by its layers."""
-        st = self.state
+        pre, call, red = self.state.prefill, self.state.call, self.state.reduced
         step = bisect.bisect_right(self.reduce_layers, i)
-        if step not in st.decode_rope:
-            removed = st.valid.sum(1) - st.layer_valid[i].sum(1)  # (B,)
-            pos = st.decode_positions - removed.to(hidden.device).view(1, -1, 1)
-            st.decode_rope[step] = self.adapter.rotary(hidden, pos)
-        return st.decode_rope[step]
+        if step not in call.decode_rope:
+            removed = pre.valid.sum(1) - red.layer_valid[i].sum(1)  # (B,)
+            pos = call.decode_positions - removed.to(hidden.device).view(1, -1, 1)
+            call.decode_rope[step] = self.adapter.rotary(hidden, pos)
+        return call.decode_rope[step]
 
-    def _text_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _restore_length(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Text-model post-hook of a reduced prefill: scatter the last hidden state (B, R, D) back to
+        the input length (B, T, D), every position taking its representative's row."""
         st = self.state
-        if not (st.active and st.prefill and st.layout is not None):
+        lay = st.reduced.layout
+        if not (st.prefill.active and st.call.is_prefill and lay is not None):
             return output
         if self.method is not None:
             self.method.finish(st.context)
         hidden = output.last_hidden_state  # (B, R, D)
-        idx = st.layout.orig_to_slot[..., None].expand(-1, -1, hidden.shape[-1])
+        idx = lay.orig_to_slot[..., None].expand(-1, -1, hidden.shape[-1])
         output.last_hidden_state = hidden.gather(1, idx)
         return output
 
-    def _layer_hook(self, i: int) -> Any:
+    def _reduce_and_feed_hook(self, i: int) -> Any:
+        """Pre-hook of decoder layer i: prefill, reduce when i is a reduction layer and feed layers
+        >= L their reduced inputs (hidden states, cos/sin, mask or key bias); cached step, feed
+        layers >= L the mask over their own cache (and renumbered cos/sin)."""
+
         def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            st = self.state
-            if not st.active or self.first_layer is None:
+            pre, red = self.state.prefill, self.state.reduced
+            if not pre.active or self.first_layer is None:
                 return args, kwargs
-            if st.prefill:
+            if self.state.call.is_prefill:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                if i in self.input_layers and st.layout is None:
-                    st.layer_inputs[i] = hidden
+                if i in self.input_layers and red.layout is None:
+                    red.layer_inputs[i] = hidden
                 if i < self.first_layer:
                     return args, kwargs
                 if i in self.reduce_layers:
@@ -472,14 +474,14 @@ class Engine:
                         args = (hidden, *args[1:])
                     else:
                         kwargs["hidden_states"] = hidden
-                lay = st.layout
+                lay = red.layout
                 kwargs["position_embeddings"] = (lay.cos, lay.sin)
                 kwargs["attention_mask"] = lay.mask
-                if st.fast:
+                if pre.fast:
                     kwargs["pact_key_bias"] = self._bias(lay.key_bias, lay.slot_orig >= 0)
                 kwargs["position_ids"] = None
-                st.layer_bias[i] = lay.key_bias
-                st.layer_valid[i] = lay.slot_orig >= 0
+                red.layer_bias[i] = lay.key_bias
+                red.layer_valid[i] = lay.slot_orig >= 0
                 return args, kwargs
             if i >= self.first_layer:
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -487,7 +489,7 @@ class Engine:
                 kwargs["attention_mask"] = mask
                 if bias is not None:
                     kwargs["pact_key_bias"] = bias
-                if st.decode_positions is not None:
+                if self.state.call.decode_positions is not None:
                     kwargs["position_embeddings"] = self._renumbered_decode_rope(i, hidden)
                 if self.flash:
                     kwargs["position_ids"] = None
@@ -515,131 +517,83 @@ class Engine:
         """(attention_mask, pact_key_bias) of layer i for a cached step: the layer's reduced prefix,
         then every later token. Fast path (as many queries as keys): (None, bias); otherwise
         (mask, None)."""
-        st = self.state
+        pre, call, red = self.state.prefill, self.state.call, self.state.reduced
         q = int(hidden.shape[1])
         past = int(cache.get_seq_length(i)) if cache is not None else 0
-        prefix_bias, prefix_valid = st.layer_bias[i], st.layer_valid[i]
+        prefix_bias, prefix_valid = red.layer_bias[i], red.layer_valid[i]
         n_new = past + q - prefix_bias.shape[1]
         if n_new < q:
             raise RuntimeError(f"layer {i}: cache holds {past} keys, fewer than the reduced prefix")
-        if st.mask2d is not None and st.mask2d.shape[1] >= n_new:
-            new_valid = st.mask2d[:, -n_new:].to(prefix_valid.device).bool()
+        if call.mask2d is not None and call.mask2d.shape[1] >= n_new:
+            new_valid = call.mask2d[:, -n_new:].to(prefix_valid.device).bool()
         else:
-            new_valid = torch.ones(st.batch, n_new, dtype=torch.bool, device=prefix_valid.device)
+            new_valid = torch.ones(pre.batch, n_new, dtype=torch.bool, device=prefix_valid.device)
         bias = torch.cat([prefix_bias, torch.where(new_valid, 0.0, float("-inf"))], dim=1)
         valid = torch.cat([prefix_valid, new_valid], dim=1)
         # A decode step (q == 1) keeps the explicit (B, 1, 1, K) mask: without a causal part it costs
         # SDPA nothing, while the extra-column trick would copy the layer's whole K/V cache every
         # step. SDPA's is_causal aligns top-left, so 1 < q < K needs the mask too; only q == K
         # (queries and keys of one chunk) takes the fast path.
-        if allow_fast and st.fast and q == bias.shape[1]:
+        if allow_fast and pre.fast and q == bias.shape[1]:
             return None, self._bias(bias, valid)
         return self._mask(bias, valid, q, hidden.dtype), None
 
     # --- the reduction step -------------------------------------------------------------------
 
-    def _initial_layout(self, hidden: torch.Tensor, kwargs: dict) -> Layout:
-        st = self.state
-        B, T = st.batch, st.length
-        dev = hidden.device
-        cos, sin = kwargs["position_embeddings"]
-        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
-        arange = torch.arange(T, device=dev)
-        valid = st.valid.to(dev)
-        cand = st.candidates.to(dev)
-        vis_index = torch.where(cand, cand.long().cumsum(1) - 1, -1)
-        bias = torch.where(valid, 0.0, float("-inf")).float()
-        # position_mode="renumber": the stock position of each sample's first valid token
-        first_valid = valid.long().argmax(1)
-        st.first_position = st.positions[0].to(dev).gather(1, first_valid[:, None])[:, 0]
-        return Layout(
-            slot_orig=torch.where(valid, arange[None], -1),
-            visual=cand,
-            visual_index=vis_index,
-            sizes=torch.ones(B, T, dtype=torch.float32, device=dev),
-            cos=cos,
-            sin=sin,
-            positions=st.positions.to(dev),
-            key_bias=bias,
-            orig_to_slot=arange[None].expand(B, T).clone(),
-        )
-
     def _reduce(self, i: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run the method on every sample at layer i; install the new layout; return new hidden."""
-        st = self.state
-        if st.layout is None:
-            st.layout = self._initial_layout(hidden, kwargs)
-            st.original_rope = (st.layout.cos, st.layout.sin)
-        lay = st.layout
-        st.timer.start(hidden.device)
+        pre, red = self.state.prefill, self.state.reduced
+        if red.layout is None:
+            dev = hidden.device
+            cos, sin = kwargs["position_embeddings"]
+            positions = pre.positions.to(dev)
+            red.layout = initial_layout(pre.valid.to(dev), pre.candidates.to(dev), positions, cos, sin)
+            red.original_rope = (red.layout.cos, red.layout.sin)
+            red.first_position = first_positions(pre.valid.to(dev), positions)  # for renumber
+        lay = red.layout
+        red.timer.start(hidden.device)
         valid_rows = lay.slot_orig >= 0
         if not bool(torch.isfinite(hidden[valid_rows]).all()):
             raise ValueError(
                 f"non-finite (NaN/inf) hidden states enter decoder layer {i}; pact cannot reduce them "
                 "(check the model's dtype and inputs)"
             )
-        B, R, _ = hidden.shape
-        plans: list[_SamplePlan] = []
-        step_raw: list[tuple | None] = []
-        for b in range(B):
+        plans: list[SamplePlan] = []
+        step_records: list[ReductionRecord | None] = []
+        previous = red.records[-1] if red.records else None
+        for b in range(hidden.shape[0]):
             slots = torch.nonzero(valid_rows[b], as_tuple=False).flatten()  # (n,)
             vis = lay.visual[b, slots]
             vis_pos = torch.nonzero(vis, as_tuple=False).flatten()  # indices into slots
-            n_vis = int(vis_pos.numel())
-            keep_flag = ~vis
-            sizes_b = lay.sizes[b, slots].clone()
-            rep = torch.arange(slots.numel(), device=hidden.device)
-            red = None
-            kept_pos = vis_pos[:0]
-            if n_vis == 0:
-                keep_flag = torch.ones_like(vis)
-                step_raw.append(None)
-            else:
-                red = self._call_method(i, layer, b, hidden, slots, vis, vis_pos)
-                kept_pos = vis_pos[red.kept]  # indices into slots
-                keep_flag = keep_flag.clone()
-                keep_flag[kept_pos] = True
-                sizes_b[kept_pos] = red.sizes.to(sizes_b)
-                labels = red.labels.to(hidden.device)
-                if kept_pos.numel():
-                    rep_vis = torch.where(labels >= 0, kept_pos[labels.clamp(min=0)], -1)
-                else:  # every visual token removed
-                    rep_vis = torch.full_like(labels, -1)
-                rep[vis_pos] = rep_vis
+            reduction = None
+            if vis_pos.numel():
+                reduction = self._call_method(i, layer, b, hidden, slots, vis, vis_pos)
                 orig_vis = lay.visual_index[b, slots[vis_pos]]
-                step_raw.append(self._raw_record(i, b, red, orig_vis, st.visual_before[b]))
-                if self.config.position_mode == "mean" and red.kept.numel():
-                    self._mean_positions(b, slots, vis_pos, kept_pos, labels)
-            if not bool(keep_flag.any()):
-                raise ValueError(
-                    f"the reduction at layer {i} removed every token of sample {b}; a prompt needs at least "
-                    "one non-visual token (or keep some visual tokens)"
-                )
-            plans.append(_arrange_sample(slots, keep_flag, rep, sizes_b, vis_pos, kept_pos, red))
-        R_new = max(int(p.source.numel()) for p in plans)
-        index = torch.zeros(B, R_new, dtype=torch.long, device=hidden.device)
-        slot_ok = torch.zeros(B, R_new, dtype=torch.bool, device=hidden.device)
-        is_new = torch.zeros(B, R_new, dtype=torch.bool, device=hidden.device)
-        sizes = torch.ones(B, R_new, dtype=torch.float32, device=hidden.device)
-        old_to_new = torch.zeros(B, R, dtype=torch.long, device=hidden.device)
-        replace = []
-        for b, plan in enumerate(plans):
-            off = R_new - int(plan.source.numel())
-            index[b, off:] = plan.source
-            slot_ok[b, off:] = True
-            is_new[b, off:] = plan.is_new
-            sizes[b, off:] = plan.sizes
-            old_to_new[b, plan.slots] = plan.target + off
-            for where, rows in plan.rows:
-                replace.append((b, where + off, rows.to(hidden.dtype)))
-        new_hidden = _take(hidden, index) * slot_ok[..., None].to(hidden.dtype)
-        for b, where, rows in replace:
-            new_hidden[b, where] = rows
-        lay = self._gather_layout(lay, index, slot_ok, is_new, sizes, old_to_new, new_hidden)
-        st.layout = lay
-        st.layers_done.append(i)
-        st.raw_records.append(step_raw)
-        st.timer.stop()
+                prev_b = previous[b] if previous is not None else None
+                step_records.append(step_record(i, reduction, orig_vis, pre.visual_before[b], prev_b))
+                if self.config.position_mode == "mean" and reduction.kept.numel():
+                    self._mean_positions(
+                        b, slots, vis_pos, vis_pos[reduction.kept], reduction.labels.to(slots.device)
+                    )
+            else:
+                step_records.append(None)
+            plans.append(plan_sample(slots, vis_pos, lay.sizes[b, slots], reduction, layer=i, sample=b))
+        packing = pack_batch(plans, old_length=hidden.shape[1])
+        new_hidden = pack_hidden(hidden, packing)
+        new = gather_layout(red.layout, packing)
+        if self.renumber:
+            # Contiguous positions over each sample's reduced sequence, from the position the stock
+            # model gave the sample's first token (0 unless left padding offsets it), as the stock
+            # model numbers a prompt that is that short.
+            new.positions = renumbered_positions(red.first_position.to(new_hidden.device), packing.slot_ok)
+            new.cos, new.sin = self.adapter.rotary(new_hidden, new.positions)
+        if not pre.fast:
+            mask_dtype = lay.cos.dtype if not self.flash else torch.bool
+            new.mask = self._mask(new.key_bias, packing.slot_ok, new_hidden.shape[1], mask_dtype)
+        red.layout = new
+        red.layers_done.append(i)
+        red.records.append(step_records)
+        red.timer.stop()
         return new_hidden
 
     def _call_method(
@@ -653,27 +607,27 @@ class Engine:
         vis_pos: torch.Tensor,
     ) -> Reduction:
         st = self.state
-        lay = st.layout
+        lay = st.reduced.layout
         h_b = hidden[b, slots]
         cos_b, sin_b = lay.cos[b, slots], lay.sin[b, slots]
-        orig_valid = torch.nonzero(st.valid[b], as_tuple=False).flatten().to(hidden.device)
+        orig_valid = torch.nonzero(st.prefill.valid[b], as_tuple=False).flatten().to(hidden.device)
 
         def qk_fn(j: int, h: torch.Tensor, rope: bool, want_q: bool, want_k: bool) -> tuple:
             if j == i:
                 c, s = cos_b, sin_b
             else:
-                c, s = st.original_rope[0][b, orig_valid], st.original_rope[1][b, orig_valid]
+                c, s = st.reduced.original_rope[0][b, orig_valid], st.reduced.original_rope[1][b, orig_valid]
             return self.adapter.queries_keys(
                 self.adapter.layers[j], h, c if rope else None, s if rope else None, want_q, want_k
             )
 
         def layer_input(j: int) -> torch.Tensor:
-            if j not in st.layer_inputs:
+            if j not in st.reduced.layer_inputs:
                 raise ValueError(
                     f"{type(self.method).__name__} reads the input of layer {j} but does not list it in "
                     "input_layers()"
                 )
-            return st.layer_inputs[j][b, orig_valid]
+            return st.reduced.layer_inputs[j][b, orig_valid]
 
         signals = Signals(
             layer=i,
@@ -689,43 +643,18 @@ class Engine:
             layer_input_fn=layer_input,
             model=self.model,
             adapter=self.adapter,
-            inputs=st.inputs,
+            inputs=st.prefill.inputs,
             context=st.context,
         )
         red = self.method.reduce(signals)
         red.validate(int(vis_pos.numel()), int(hidden.shape[-1]))
         return red
 
-    def _raw_record(self, i: int, b: int, red: Reduction, orig_vis: torch.Tensor, n0: int) -> tuple:
-        """Step record in original visual indices (kept on device; moved to CPU by ``stats``).
-
-        ``orig_vis`` (N,): original visual index of each current visual token, in sequence order."""
-        st = self.state
-        dev = orig_vis.device
-        labels_cur = red.labels.to(dev)
-        prev = st.raw_records[-1][b] if st.raw_records else None
-        if prev is None:
-            full = torch.full((n0,), -1, dtype=torch.long, device=dev)
-            full[orig_vis] = labels_cur
-        else:
-            # The current visual tokens are the previous step's kept ones (possibly reordered):
-            # original token -> its previous representative (original index) -> current index.
-            prev_kept, prev_labels = prev[1], prev[2]
-            current_of = torch.full((n0,), -1, dtype=torch.long, device=dev)
-            current_of[orig_vis] = torch.arange(orig_vis.numel(), device=dev)
-            rep_orig = prev_kept[prev_labels.clamp(min=0)]
-            full = torch.where(prev_labels >= 0, labels_cur[current_of[rep_orig]], -1)
-        scores = None
-        if red.scores is not None:
-            scores = torch.full((n0,), float("nan"), device=dev)
-            scores[orig_vis] = red.scores.to(dev).float()
-        return (i, orig_vis[red.kept], full, red.sizes, scores, red.order, red.num_extra)
-
     def _mean_positions(
         self, b: int, slots: torch.Tensor, vis_pos: torch.Tensor, kept_pos: torch.Tensor, labels: torch.Tensor
     ) -> None:
         """position_mode="mean": a merged token takes the rounded mean position (per axis) of its members."""
-        lay = self.state.layout
+        lay = self.state.reduced.layout
         members = labels >= 0
         pos = lay.positions[:, b, slots[vis_pos]].float()  # (A, N)
         A = pos.shape[0]
@@ -742,125 +671,6 @@ class Engine:
         cos, sin = self.adapter.rotary(lay.cos[b : b + 1, :R].float(), mean[:, None, :])
         lay.cos[b, slots[kept_pos]] = cos[0].to(lay.cos.dtype)
         lay.sin[b, slots[kept_pos]] = sin[0].to(lay.sin.dtype)
-
-    def _gather_layout(
-        self,
-        lay: Layout,
-        index: torch.Tensor,
-        slot_ok: torch.Tensor,
-        is_new: torch.Tensor,
-        sizes: torch.Tensor,
-        old_to_new: torch.Tensor,
-        new_hidden: torch.Tensor,
-    ) -> Layout:
-        """The layout after a step: slot r of sample b holds old slot ``index[b, r]`` (a new token:
-        the slot of the kept token before it, whose position it takes unless renumbered)."""
-        R_new = index.shape[1]
-        slot_orig = torch.where(slot_ok, lay.slot_orig.gather(1, index), -1)
-        visual = lay.visual.gather(1, index) & slot_ok & ~is_new
-        key_bias = torch.where(slot_ok, sizes.log(), float("-inf")).float()
-        positions = lay.positions.gather(2, index[None].expand(lay.positions.shape[0], -1, -1))
-        cos, sin = _take(lay.cos, index), _take(lay.sin, index)
-        if self.renumber:
-            # Contiguous positions over each sample's reduced sequence, from the position the stock
-            # model gave the sample's first token (0 unless left padding offsets it), as the stock
-            # model numbers a prompt that is that short.
-            first = self.state.first_position.to(index.device)
-            counted = first[:, None] + slot_ok.long().cumsum(1) - 1
-            positions = torch.where(slot_ok, counted, 0)[None]
-            cos, sin = self.adapter.rotary(new_hidden, positions)
-        new = Layout(
-            slot_orig=slot_orig,
-            visual=visual,
-            visual_index=torch.where(visual, lay.visual_index.gather(1, index), -1),
-            sizes=sizes,
-            cos=cos,
-            sin=sin,
-            positions=positions,
-            key_bias=key_bias,
-            orig_to_slot=old_to_new.gather(1, lay.orig_to_slot),
-        )
-        if not self.state.fast:
-            new.mask = self._mask(key_bias, slot_ok, R_new, lay.cos.dtype if not self.flash else torch.bool)
-        return new
-
-
-@dataclass
-class _SamplePlan:
-    """Where one sample's tokens go in a reduction step.
-
-    slots: (n,) long, the sample's valid slots in the old layout.
-    source: (n_new,) long, old slot each new position is read from (a new token: the slot of the
-        token right before it, normally the last kept visual token).
-    is_new: (n_new,) bool, positions of new tokens (``Reduction.extra``).
-    sizes: (n_new,) float32, size of each new position (1 for new tokens).
-    target: (n,) long, new position representing each old token (a dropped token: the new position
-        of the nearest kept token before it, the first one if none).
-    rows: (new positions, hidden rows) to write over the gathered hidden states.
-    """
-
-    slots: torch.Tensor
-    source: torch.Tensor
-    is_new: torch.Tensor
-    sizes: torch.Tensor
-    target: torch.Tensor
-    rows: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _arrange_sample(
-    slots: torch.Tensor,
-    keep_flag: torch.Tensor,
-    rep: torch.Tensor,
-    sizes: torch.Tensor,
-    vis_pos: torch.Tensor,
-    kept_pos: torch.Tensor,
-    red: Reduction | None,
-) -> _SamplePlan:
-    """The new order of one sample: kept tokens in sequence order, the kept visual ones permuted by
-    ``red.order`` within the slots they occupy, ``red.extra`` tokens inserted right after the last
-    kept visual token (where the last visual token was when none is kept).
-
-    Args (n = valid old slots; every index below points into them): keep_flag (n,) bool, tokens that
-    stay; rep (n,) representative of each token (-1: dropped); sizes (n,) sizes after the step;
-    vis_pos (N,) current visual tokens; kept_pos (R,) kept visual tokens (increasing); red: the
-    step's Reduction (None: the sample has no visual token).
-    """
-    dev = keep_flag.device
-    n = int(keep_flag.numel())
-    keep = torch.nonzero(keep_flag, as_tuple=False).flatten()  # increasing
-    source = keep.clone()
-    at_kept = torch.searchsorted(keep, kept_pos)  # where the kept visual tokens sit in `keep`
-    if red is not None and red.order is not None and kept_pos.numel():
-        source[at_kept] = kept_pos[red.order.to(dev)]
-    is_new = torch.zeros(source.numel(), dtype=torch.bool, device=dev)
-    n_extra = 0 if red is None else red.num_extra
-    if n_extra:
-        # after the last kept visual token; none kept: where the last visual token was
-        last = at_kept[-1] + 1 if kept_pos.numel() else torch.searchsorted(keep, vis_pos[-1])
-        at = int(last)
-        anchor = source[max(at - 1, 0) : max(at, 1)]  # the token before the new ones (their position)
-        source = torch.cat([source[:at], anchor.expand(n_extra), source[at:]])
-        is_new = torch.cat([is_new[:at], torch.ones(n_extra, dtype=torch.bool, device=dev), is_new[at:]])
-    positions = torch.arange(source.numel(), device=dev)
-    new_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-    new_of[source[~is_new]] = positions[~is_new]
-    before = (torch.searchsorted(keep, torch.arange(n, device=dev), right=True) - 1).clamp(min=0)
-    target = torch.where(rep >= 0, new_of[rep.clamp(min=0)], new_of[keep[before]])
-    new_sizes = torch.where(is_new, 1.0, sizes[source])
-    rows = []
-    if red is not None and red.hidden is not None and kept_pos.numel():
-        rows.append((new_of[kept_pos], red.hidden))
-    if n_extra:
-        rows.append((positions[is_new], red.extra))
-    return _SamplePlan(
-        slots=slots, source=slots[source], is_new=is_new, sizes=new_sizes, target=target, rows=rows
-    )
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, R, ...) gathered along dim 1 with index (B, R')."""
-    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, idx)
 
 
 def _is_dynamic_cache(cache: Any) -> bool:
@@ -892,4 +702,4 @@ def check_attention_backend(adapter: ModelAdapter, config: Any, method: Method |
         )
 
 
-__all__ = ["Engine", "Layout", "ReductionRecord", "ReductionStats", "check_attention_backend"]
+__all__ = ["CallState", "Engine", "Layout", "ReductionRecord", "ReductionStats", "check_attention_backend"]

@@ -196,7 +196,7 @@ def test_cache_lengths_per_layer(family):
         out = model(**x, use_cache=True)
     T = x["input_ids"].shape[1]
     engine = pact.api.engine_of(model)
-    R = engine.state.layout.slot_orig.shape[1]
+    R = engine.layout.slot_orig.shape[1]
     st = pact.api.stats(model)
     # the reduced batch is padded to the longest reduced sample
     valid = x["attention_mask"].sum(1)
@@ -235,7 +235,7 @@ def test_positions_kept_and_decode_continue_unreduced(family):
     finally:
         for h in handles:
             h.remove()
-    lay = pact.api.engine_of(model).state.layout
+    lay = pact.api.engine_of(model).layout
     stock_steps, pact_steps = seen["stock"], seen["pact"]
     # prefill: layer 0 unchanged, layers L, 3 see gathered rows
     (_, _, cos0, sin0), (_, _, cosL, sinL), (_, _, cos3, _) = pact_steps[:3]
@@ -290,7 +290,7 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
     finally:
         for h in handles:
             h.remove()
-    lay = pact.api.engine_of(model).state.layout
+    lay = pact.api.engine_of(model).layout
     log2 = math.log(2.0)
     prefill, decode = masks[: len(layers)], masks[len(layers) :]
     for i, m in prefill:

@@ -138,7 +138,7 @@ def test_newline_slots_are_located_from_the_layout_and_never_removed(family):
             model, pact.load_config(None, layer=2, pruning="euti", clustering="none", keep_ratio=0.0)
         )
         greedy(model, x, n=2)
-        lay = pact.api.engine_of(model).state.layout
+        lay = pact.api.engine_of(model).layout
         for b in range(x["input_ids"].shape[0]):
             kept = set(lay.slot_orig[b][lay.slot_orig[b] >= 0].tolist())
             valid = x["attention_mask"][b].bool()
@@ -235,7 +235,7 @@ def test_position_mode_mean_puts_merged_tokens_at_member_mean(family):
     pact.api.apply(model, c, method=PairMerge(c))
     greedy(model, x, n=2)
     engine = pact.api.engine_of(model)
-    lay = engine.state.layout
+    lay = engine.layout
     # original positions of the visual tokens, in order; pairs (2k, 2k+1) -> round(mean)
     pact.api.remove(model)
     captured = {}

@@ -173,6 +173,9 @@ def test_engine_state_is_per_call():
     engine: Engine = pact.api.engine_of(model)
     greedy(model, inputs_for("llava", [one_image("llava")]), n=2)
     first = engine.state
-    assert first.active and first.layout is not None
+    assert first.prefill.active and first.reduced.layout is not None
+    assert engine.layout is first.reduced.layout
+    with pytest.raises(AttributeError):
+        engine.layout = None  # a read-only view for tests and tools
     greedy(model, inputs_for("llava", [{"question": "text"}]), n=2)
-    assert engine.state is not first and not engine.state.active and engine.state.layout is None
+    assert engine.state is not first and not engine.state.prefill.active and engine.layout is None

@@ -252,7 +252,7 @@ def test_renumber_logits_keep_input_length_and_stats_count_new_tokens(family, at
         assert rec.order.tolist() == list(range(len(rec.kept)))[::-1]
         assert rec.extra == 2
         assert st.visual_after[b] == len(rec.kept) + 2  # new tokens are counted
-    lay = pact.api.engine_of(model).state.layout
+    lay = pact.api.engine_of(model).layout
     valid = x["attention_mask"].sum(1)
     after = valid - torch.tensor(st.visual_before) + torch.tensor(st.visual_after)
     assert torch.equal((lay.slot_orig >= 0).sum(1), after)
@@ -295,7 +295,7 @@ def test_renumber_positions_prefill_and_decode(family):
     finally:
         for h in handles:
             h.remove()
-    lay = pact.api.engine_of(model).state.layout
+    lay = pact.api.engine_of(model).layout
     ok = lay.slot_orig >= 0
     n_reduced = ok.sum(1)
     (_, _, cos0), (_, R, cosL) = seen[:2]
@@ -332,7 +332,7 @@ def test_reordered_tokens_keep_their_positions_and_new_tokens_take_the_previous(
     with torch.no_grad():
         model(**x)
     engine = pact.api.engine_of(model)
-    lay, full = engine.state.layout, engine.state.positions
+    lay, full = engine.layout, engine.state.prefill.positions
     rec = pact.api.stats(model).records[0][0]
     visual = testing.patch_token_mask(model, x)[0]
     pos = visual.nonzero().flatten()
@@ -372,7 +372,7 @@ def test_order_and_extra_with_every_visual_token_removed():
     assert out.shape[:2] == x["input_ids"].shape and torch.isfinite(out).all()
     st = pact.api.stats(model)
     assert st.visual_after == [1]
-    lay = pact.api.engine_of(model).state.layout
+    lay = pact.api.engine_of(model).layout
     first_visual = int(testing.patch_token_mask(model, x)[0].nonzero()[0])
     assert lay.slot_orig.shape[1] == x["input_ids"].shape[1] - st.visual_before[0] + 1
     assert int(lay.slot_orig[0, first_visual]) == first_visual - 1  # anchored to the token before
