@@ -221,8 +221,7 @@ def _probe_directory(directory: Path, text: str) -> None:
     """Create ``directory`` (as the writer would at the end) and check a file can be created in it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pact-write-check-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=directory, prefix=".pact-write-check-").close()  # deleted on close
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {reason} ({directory})") from None
