@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pact.models.groups import Group, mrope_groups, runs, square_groups
+
 KNOWN_ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
 """Sub-modules of a decoder layer's attention that ``ModelAdapter.queries_keys`` models: the
 projections and the optional per-head q/k norms. Any other sub-module (an extra projection, a
@@ -29,16 +31,36 @@ class ModelAdapter:
     """Family-specific answers about one model instance.
 
     Class attributes:
-        family: short family name (``pact.testing.FAMILIES`` spelling).
-        class_names: Hugging Face class names this adapter accepts.
+        family: short family name (the key in ``pact.models.ADAPTERS``).
+        class_names: Hugging Face class names this adapter accepts; the first is the
+            ``*ForConditionalGeneration`` class (loaded by the lmms-eval model, built by
+            ``pact.testing``).
         model_types: ``config.model_type`` values this adapter accepts.
         mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
+        has_video: the Hugging Face class and processor accept videos.
+        default_checkpoint: hub id the lmms-eval model loads without ``pretrained=``.
+
+    Every family list of pact (lmms-eval models and manifests, ``pact methods``, the tiny models of
+    ``pact.testing``) is derived from these attributes of the adapters in ``pact.models.ADAPTERS``.
     """
 
     family: str = ""
     class_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
     mrope: bool = False
+    has_video: bool = False
+    default_checkpoint: str = ""
+
+    @classmethod
+    def eval_model_name(cls) -> str:
+        """The lmms-eval ``--model`` name of this family (``pact_<family>``)."""
+        return f"pact_{cls.family}"
+
+    @classmethod
+    def eval_class_name(cls) -> str:
+        """Name of this family's lmms-eval model class in ``pact.eval.models`` (``Pact`` + the Hugging
+        Face class name without ``ForConditionalGeneration``, e.g. ``PactQwen2VL``)."""
+        return "Pact" + cls.class_names[0].removesuffix("ForConditionalGeneration")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -222,6 +244,31 @@ class ModelAdapter:
         for tid in self.visual_token_ids():
             mask |= input_ids == tid
         return mask
+
+    # --- visual token grids ---------------------------------------------------------------------
+
+    def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
+        """Per sample, the row-major grids of its visual tokens (``pact.models.groups.Group``), from
+        ``input_ids`` (B, T) and the call's keyword arguments. Used when ``mrope`` is False.
+
+        Raises:
+            ValueError: the family has no grid layout (override in the family's adapter).
+        """
+        raise ValueError(f"no visual token layout for model family {self.family!r}")
+
+    def position_groups(self, positions: torch.Tensor, visual_mask: torch.Tensor) -> list[Group]:
+        """The grids of one sample's visual tokens from its (3, T) M-RoPE positions and (T,) visual
+        mask (``mrope`` families: each run of visual tokens spans an (h, w) grid, frame by frame)."""
+        if not self.mrope:
+            raise ValueError(f"{self.family}: positions are not M-RoPE triples; use visual_groups")
+        return mrope_groups(positions, visual_mask)
+
+    def _square_visual_groups(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any], per_image: int, kind: str
+    ) -> list[list[Group]]:
+        """Per sample groups when every ``per_image`` consecutive candidates form one square grid."""
+        candidates = self.candidate_mask(input_ids, inputs)
+        return [square_groups([n for _, n in runs(row)], per_image, kind) for row in candidates]
 
 
 def unsupported_model_error(model: nn.Module, supported: Mapping[str, type[ModelAdapter]]) -> ValueError:

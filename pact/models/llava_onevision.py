@@ -21,6 +21,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     class_names = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     model_types = ("llava_onevision",)
+    has_video = True
+    default_checkpoint = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
     def _vision_aspect_ratio(self, inputs: Mapping[str, Any]) -> str | None:
         return inputs.get("vision_aspect_ratio") or getattr(

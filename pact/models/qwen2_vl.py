@@ -17,6 +17,8 @@ class Qwen2VLAdapter(ModelAdapter):
     class_names = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     model_types = ("qwen2_vl",)
     mrope = True
+    has_video = True
+    default_checkpoint = "Qwen/Qwen2-VL-7B-Instruct"
 
     def decode_position_ids(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
         """(3, B, q): the stock ``compute_3d_position_ids`` cached branch with the unreduced length."""
