@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pact.models.groups import Group, mrope_groups, runs, square_groups
+from pact.models.vision_probe import VisionProbe
 
 KNOWN_ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
 """Sub-modules of a decoder layer's attention that ``ModelAdapter.queries_keys`` models: the
@@ -39,6 +40,10 @@ class ModelAdapter:
         mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
         has_video: the Hugging Face class and processor accept videos.
         default_checkpoint: hub id the lmms-eval model loads without ``pretrained=``.
+        vision_probe_class: the ``pact.models.vision_probe.VisionProbe`` subclass of the family's
+            vision encoder (None: vision-side methods do not run on this family).
+        base_and_sub_images: images are encoded as a base image plus optional sub-image crops
+            (LLaVA's anyres; LLaVA-1.5: the base image alone), the layout HiRED's budget split needs.
 
     Every family list of pact (lmms-eval models and manifests, ``pact methods``, the tiny models of
     ``pact.testing``) is derived from these attributes of the adapters in ``pact.models.ADAPTERS``.
@@ -50,6 +55,8 @@ class ModelAdapter:
     mrope: bool = False
     has_video: bool = False
     default_checkpoint: str = ""
+    vision_probe_class: type[VisionProbe] | None = None
+    base_and_sub_images: bool = False
 
     @classmethod
     def eval_model_name(cls) -> str:
@@ -90,6 +97,21 @@ class ModelAdapter:
         """The vision encoder (for vision-side methods that read its attention)."""
         vlm = self.vlm
         return vlm.visual if hasattr(vlm, "visual") else vlm.vision_tower
+
+    def vision_probe(self) -> VisionProbe:
+        """The probe of this model's vision encoder (what vision-side methods read).
+
+        Raises:
+            ValueError: the family declares no probe (``vision_probe_class`` is None).
+        """
+        if self.vision_probe_class is None:
+            raise ValueError(f"vision-side methods do not support model family {self.family!r}")
+        return self.vision_probe_class(self)
+
+    @property
+    def has_cls(self) -> bool:
+        """The vision encoder has a [CLS] token (False also when the family has no probe)."""
+        return self.vision_probe_class is not None and self.vision_probe_class.has_cls
 
     @property
     def attn_implementation(self) -> str:

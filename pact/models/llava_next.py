@@ -18,6 +18,7 @@ import torch
 
 from pact.models.base import ModelAdapter
 from pact.models.groups import Group, anyres_groups, runs
+from pact.models.llava import ClipProbe
 
 
 def _scatter_flags(
@@ -45,6 +46,8 @@ class LlavaNextAdapter(ModelAdapter):
     class_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     model_types = ("llava_next",)
     default_checkpoint = "llava-hf/llava-v1.6-mistral-7b-hf"
+    vision_probe_class = ClipProbe
+    base_and_sub_images = True
 
     def _module(self) -> Any:
         return sys.modules[type(self.vlm).__module__]
