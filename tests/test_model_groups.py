@@ -86,3 +86,24 @@ def test_signals_without_adapter_name_what_is_missing():
         groups_fn=lambda: [Group(0, "image", 0, 1, 2)],
     )  # fmt: skip
     assert given.num_layers == 7 and given.groups() == [Group(0, "image", 0, 1, 2)]
+
+
+def test_vision_method_families_come_from_adapter_attributes():
+    from pact.methods.vision import HiRED, PruMerge, VisPruner
+
+    assert VisPruner.families == PruMerge.families == tuple(ADAPTERS)  # every family has a probe
+    assert HiRED.families == tuple(f for f, a in ADAPTERS.items() if a.base_and_sub_images)
+    assert set(HiRED.families) == {"llava", "llava_next", "llava_onevision"}
+    assert [f for f, a in ADAPTERS.items() if a.has_cls] == ["llava_next", "llava", "internvl"]
+
+    class NoProbe(ADAPTERS["llava"]):
+        family = "no_probe"
+        vision_probe_class = None
+
+    model, _ = model_for("llava")
+    adapter = NoProbe(model)
+    with pytest.raises(ValueError, match="vision-side methods do not support model family 'no_probe'"):
+        adapter.vision_probe()
+    method = VisPruner(pact.load_config("vispruner"))
+    with pytest.raises(ValueError, match="vispruner does not support the 'no_probe' model family"):
+        method.install(model, adapter)

@@ -44,6 +44,7 @@ class ModelAdapter:
             vision encoder (None: vision-side methods do not run on this family).
         base_and_sub_images: images are encoded as a base image plus optional sub-image crops
             (LLaVA's anyres; LLaVA-1.5: the base image alone), the layout HiRED's budget split needs.
+        has_cls: the vision encoder has a [CLS] token (from the probe class; False without a probe).
 
     Every family list of pact (lmms-eval models and manifests, ``pact methods``, the tiny models of
     ``pact.testing``) is derived from these attributes of the adapters in ``pact.models.ADAPTERS``.
@@ -57,6 +58,11 @@ class ModelAdapter:
     default_checkpoint: str = ""
     vision_probe_class: type[VisionProbe] | None = None
     base_and_sub_images: bool = False
+    has_cls: bool = False  # set from the probe by __init_subclass__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.has_cls = cls.vision_probe_class is not None and cls.vision_probe_class.has_cls
 
     @classmethod
     def eval_model_name(cls) -> str:
@@ -107,11 +113,6 @@ class ModelAdapter:
         if self.vision_probe_class is None:
             raise ValueError(f"vision-side methods do not support model family {self.family!r}")
         return self.vision_probe_class(self)
-
-    @property
-    def has_cls(self) -> bool:
-        """The vision encoder has a [CLS] token (False also when the family has no probe)."""
-        return self.vision_probe_class is not None and self.vision_probe_class.has_cls
 
     @property
     def attn_implementation(self) -> str:
