@@ -43,11 +43,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
-"""The model families the tiny builders cover (keys for every function of this module)."""
+from pact.models import ADAPTERS
 
-VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
-"""Families whose Hugging Face class and processor accept videos (LLaVA-NeXT and LLaVA-1.5 do not)."""
+FAMILIES: tuple[str, ...] = tuple(ADAPTERS)
+"""The model families the tiny builders cover (keys for every function of this module): every adapter
+of ``pact.models.ADAPTERS``, in its order."""
+
+VIDEO_FAMILIES: tuple[str, ...] = tuple(family for family, adapter in ADAPTERS.items() if adapter.has_video)
+"""Families whose Hugging Face class and processor accept videos (``has_video`` of the adapter;
+LLaVA-NeXT and LLaVA-1.5 do not)."""
 
 _NO_LIMIT = "none"
 BATCH_LIMITS: dict[str, str] = {
@@ -361,14 +365,8 @@ def tiny_config(
     )
 
 
-_MODEL_CLASSES: dict[str, str] = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava": "LlavaForConditionalGeneration",
-    "internvl": "InternVLForConditionalGeneration",
-}
+_MODEL_CLASSES: dict[str, str] = {family: adapter.class_names[0] for family, adapter in ADAPTERS.items()}
+"""family -> its ``*ForConditionalGeneration`` class name (the adapter's first class name)."""
 
 
 def model_class(family: str) -> type:

@@ -385,6 +385,36 @@ def test_manifests_and_entry_point_table():
     assert set(ENTRY_POINTS) == {m.model_id for m in MANIFESTS}
 
 
+def test_family_tables_are_derived_from_the_adapters():
+    """Every family list (lmms-eval classes and manifests, entry points, `pact methods`, the tiny
+    models) is the adapter table: one entry per adapter, its class names, checkpoint and video flag."""
+    import importlib
+
+    from pact import testing
+    from pact.eval.manifest import ENTRY_POINTS
+    from pact.eval.models import FAMILIES, FAMILY_CLASSES
+    from pact.methods.listing import FAMILIES as LISTED
+    from pact.models import ADAPTERS
+
+    assert tuple(ADAPTERS) == testing.FAMILIES == LISTED == tuple(FAMILIES) == tuple(FAMILY_CLASSES)
+    assert testing.VIDEO_FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+    for family, adapter in ADAPTERS.items():
+        class_name, model_types, checkpoint, video = FAMILIES[family]
+        assert (class_name, model_types, video) == (
+            adapter.class_names[0],
+            adapter.model_types,
+            adapter.has_video,
+        )
+        assert checkpoint and checkpoint == adapter.default_checkpoint
+        assert testing.model_class(family).__name__ == class_name
+        module, attr = ENTRY_POINTS[f"pact_{family}"].split(":")
+        manifest = getattr(importlib.import_module(module), attr)
+        assert manifest.model_id == f"pact_{family}"
+        path, name = manifest.simple_class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(path), name)
+        assert cls is FAMILY_CLASSES[family] and cls.family == family
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reports and plots from synthetic runs
 

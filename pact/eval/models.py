@@ -47,31 +47,14 @@ from loguru import logger
 from PIL import Image
 
 from pact.eval import metrics as M
+from pact.models import ADAPTERS
 
-# family -> (transformers class name, config.model_type values, default checkpoint, accepts video)
 FAMILIES: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", ("qwen2_vl",), "Qwen/Qwen2-VL-7B-Instruct", True),
-    "qwen2_5_vl": (
-        "Qwen2_5_VLForConditionalGeneration",
-        ("qwen2_5_vl",),
-        "Qwen/Qwen2.5-VL-7B-Instruct",
-        True,
-    ),
-    "llava_onevision": (
-        "LlavaOnevisionForConditionalGeneration",
-        ("llava_onevision",),
-        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-        True,
-    ),
-    "llava_next": (
-        "LlavaNextForConditionalGeneration",
-        ("llava_next",),
-        "llava-hf/llava-v1.6-mistral-7b-hf",
-        False,
-    ),
-    "llava": ("LlavaForConditionalGeneration", ("llava",), "llava-hf/llava-1.5-7b-hf", False),
-    "internvl": ("InternVLForConditionalGeneration", ("internvl",), "OpenGVLab/InternVL3-8B-hf", True),
+    family: (adapter.class_names[0], adapter.model_types, adapter.default_checkpoint, adapter.has_video)
+    for family, adapter in ADAPTERS.items()
 }
+"""family -> (transformers class name, config.model_type values, default checkpoint, accepts video),
+read from the adapters of ``pact.models.ADAPTERS``."""
 
 LOADING_OPTIONS: dict[str, str] = {
     "pretrained": "checkpoint directory or hub id (default: the family's 7B/8B checkpoint)",
@@ -1022,43 +1005,18 @@ class PactHFModel(lmms):
 # One class per family (what lmms-eval's --model names resolve to)
 
 
-class PactQwen2VL(PactHFModel):
-    """pact on Qwen2VLForConditionalGeneration (``--model pact_qwen2_vl``)."""
-
-    family = "qwen2_vl"
-
-
-class PactQwen2_5_VL(PactHFModel):  # noqa: N801 - mirrors the transformers class name
-    """pact on Qwen2_5_VLForConditionalGeneration (``--model pact_qwen2_5_vl``)."""
-
-    family = "qwen2_5_vl"
-
-
-class PactLlavaOnevision(PactHFModel):
-    """pact on LlavaOnevisionForConditionalGeneration (``--model pact_llava_onevision``)."""
-
-    family = "llava_onevision"
-
-
-class PactLlavaNext(PactHFModel):
-    """pact on LlavaNextForConditionalGeneration (``--model pact_llava_next``)."""
-
-    family = "llava_next"
-
-
-class PactLlava(PactHFModel):
-    """pact on LlavaForConditionalGeneration, LLaVA-1.5 (``--model pact_llava``)."""
-
-    family = "llava"
-
-
-class PactInternVL(PactHFModel):
-    """pact on InternVLForConditionalGeneration, the "-hf" checkpoints (``--model pact_internvl``)."""
-
-    family = "internvl"
+def _family_class(adapter: Any) -> type[PactHFModel]:
+    """The lmms-eval model class of one adapter (``--model pact_<family>``), e.g. ``PactQwen2VL``."""
+    name = adapter.eval_class_name()
+    doc = f"pact on {adapter.class_names[0]} (``--model {adapter.eval_model_name()}``)."
+    attrs = {"family": adapter.family, "__doc__": doc, "__module__": __name__, "__qualname__": name}
+    return type(name, (PactHFModel,), attrs)
 
 
 FAMILY_CLASSES: dict[str, type[PactHFModel]] = {
-    cls.family: cls
-    for cls in (PactQwen2VL, PactQwen2_5_VL, PactLlavaOnevision, PactLlavaNext, PactLlava, PactInternVL)
+    family: _family_class(adapter) for family, adapter in ADAPTERS.items()
 }
+"""family -> its lmms-eval model class, one per adapter of ``pact.models.ADAPTERS``. Each class is also
+a module attribute under its own name (``pact.eval.models.PactQwen2VL`` ...), where the manifests
+of ``pact.eval.manifest`` point."""
+globals().update({cls.__name__: cls for cls in FAMILY_CLASSES.values()})

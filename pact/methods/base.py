@@ -52,10 +52,18 @@ class Signals:
             this sample, before any reduction at or after j); only for layers the method lists in
             ``Method.input_layers``.
         qk_at(j, rope) -> (q, k): layer j's queries/keys of ``layer_input(j)``.
-        model, adapter, inputs: the model, its ``pact.models`` adapter and the keyword arguments of
-            the prefill call (pixel values, image sizes, grids ...) for vision-side methods.
+        num_layers: how many decoder layers the model has.
+        groups() -> list[Group]: the row-major grids (image, base crop, crop grid, frame, tile) of
+            the sample's ORIGINAL visual tokens (``pact.models.groups.Group``; ``visual_index`` maps
+            the current ones), derived by the model's adapter; raises ValueError when the family has
+            no grid layout (or, for M-RoPE families, after visual tokens were removed).
         context: a dict the method's ``prepare`` hook filled for this call (e.g. captured
             vision-encoder attention).
+
+    Not for methods (the engine's and the accessors' sources; kept for tools that build signals):
+        model, adapter, inputs: the model, its ``pact.models`` adapter and the keyword arguments of
+            the prefill call. A method asks the accessors above instead, so that family knowledge
+            stays in ``pact.models``.
     """
 
     def __init__(
@@ -76,6 +84,8 @@ class Signals:
         adapter: Any = None,
         inputs: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
+        num_layers: int | None = None,
+        groups_fn: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.layer = layer
         self.sample = sample
@@ -92,11 +102,44 @@ class Signals:
         self._qk_fn = qk_fn
         self._cos_sin_fn = cos_sin_fn
         self._layer_input_fn = layer_input_fn
+        self._num_layers = num_layers
+        self._groups_fn = groups_fn
         self._cache: dict[Any, torch.Tensor | None] = {}
 
     @property
     def num_visual(self) -> int:
         return int(self.sizes.numel())
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers of the model (given, or read from the adapter)."""
+        if self._num_layers is not None:
+            return self._num_layers
+        if self.adapter is None:
+            raise ValueError("these Signals were built without num_layers or an adapter")
+        return len(self.adapter.layers)
+
+    def groups(self) -> list[Any]:
+        """The grids (``pact.models.groups.Group``) of the sample's original visual tokens.
+
+        Raises:
+            ValueError: the layout cannot be derived (the message names the family).
+        """
+        if self._groups_fn is not None:
+            return self._groups_fn()
+        if self.adapter is None:
+            raise ValueError("these Signals were built without groups_fn or an adapter: no visual grids")
+        from pact.models.groups import sample_groups
+
+        return sample_groups(
+            self.adapter,
+            sample=self.sample,
+            inputs=self.inputs,
+            positions=self.positions,
+            visual_mask=self.visual_mask,
+            visual_index=self.visual_index,
+            cache=self.context,
+        )
 
     def _qk(self, layer: int, rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, rope)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
+from pact.models import ADAPTERS
+
+FAMILIES: tuple[str, ...] = tuple(ADAPTERS)
+"""Every supported model family (the keys of ``pact.models.ADAPTERS``)."""
 
 PRUNING_TEXT = {
     "euti": "EUTI pruning (PACT's importance score)",

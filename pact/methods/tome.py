@@ -62,7 +62,7 @@ class ToMe(Method):
     def reduce(self, signals: Signals) -> Reduction:
         # ToMe never drops a token, so the sizes add up to the visual count before the first layer.
         n_original = round(float(signals.sizes.sum()))
-        r = self.merge_count(signals.layer, len(signals.adapter.layers), n_original, signals.num_visual)
+        r = self.merge_count(signals.layer, signals.num_layers, n_original, signals.num_visual)
         vis = signals.visual_mask
         metric = cluster_features(signals)[vis]
         hidden = signals.hidden[vis]

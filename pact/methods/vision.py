@@ -4,6 +4,10 @@ before the language model sees them).
 
 How the vision-encoder attention is obtained (no eager switch, no patched forward):
 
+The family-specific part (which encoder layers and modules, how their queries/keys are recomputed,
+how patches map to the projector's rows) is the adapter's ``VisionProbe`` (``adapter.vision_probe()``,
+defined next to each adapter in ``pact.models``); a family without one does not run these methods.
+
 1. ``install`` (at ``pact.apply``) registers forward pre-hooks on the attention module of the
    encoder layers a method reads, and a forward hook on the module whose output rows become the
    LLM's visual tokens (the multimodal projector, Qwen's patch merger). The pre-hook receives the
@@ -39,8 +43,6 @@ original computes on the selected features), layer 0 for HiRED's budget split.
 from __future__ import annotations
 
 import math
-import sys
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,8 @@ from torch import nn
 from pact.methods.base import Method, Signals, register
 from pact.methods.budget import pruned_reduction, target_count
 from pact.methods.layout import Group, sample_groups
+from pact.models import ADAPTERS
+from pact.models.vision_probe import VisionProbe
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import keep_count, topk_indices
 from pact.ops.vision import (
@@ -62,198 +66,6 @@ from pact.ops.vision import (
     vispruner_crops,
     vispruner_select,
 )
-
-CLS_FAMILIES = ("llava", "llava_next", "internvl")
-"""Families whose vision encoder has a [CLS] token (the methods' own signal)."""
-SUBSTITUTE_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
-"""Families that get the substitute signal (mean received attention)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Probes: what differs between vision encoders
-
-
-class _Probe(ABC):
-    """Family-specific access to the vision encoder: its layers, q/k of a layer, the output rows."""
-
-    has_cls = True
-
-    def __init__(self, adapter: Any) -> None:
-        self.adapter = adapter
-        self.vlm = adapter.vlm
-        self.config = adapter.model.config
-
-    @abstractmethod
-    def layers(self) -> nn.ModuleList:
-        """The encoder's transformer layers."""
-
-    @abstractmethod
-    def attention(self, layer: int) -> nn.Module:
-        """The self-attention module of encoder layer ``layer``."""
-
-    def select_layer(self) -> int:
-        """Index of the encoder layer whose output feeds the projector."""
-        fl = self.config.vision_feature_layer
-        fl = fl[-1] if isinstance(fl, (list, tuple)) else int(fl)
-        n = len(self.layers())
-        index = fl % (n + 1) - 1  # hidden_states[k] is the output of layer k - 1
-        if index < 0:
-            raise ValueError(f"vision_feature_layer={fl} selects the patch embeddings: no attention to read")
-        return index
-
-    def rows_module(self) -> nn.Module:
-        return self.vlm.multi_modal_projector
-
-    def qk(
-        self, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(q, k, segment lengths): q/k (S_total, H, d) over the concatenated images of the call."""
-        x = args[0] if args else kwargs["hidden_states"]
-        b, s, _ = x.shape
-        h = module.num_heads
-        q = module.q_proj(x).view(b, s, h, -1)
-        k = module.k_proj(x).view(b, s, h, -1)
-        return q.flatten(0, 1), k.flatten(0, 1), [s] * b
-
-    def scale(self, module: nn.Module) -> float:
-        return float(getattr(module, "scale", getattr(module, "scaling", None)))
-
-    def drops_cls(self) -> bool:
-        return self.has_cls and getattr(self.config, "vision_feature_select_strategy", "default") == "default"
-
-    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
-        """Per-patch values (S_total, C) -> per-row values (R, C) (patches of one image per segment)."""
-        parts = torch.split(values, segments)
-        if self.drops_cls():
-            parts = [p[1:] for p in parts]
-        return torch.cat(parts)
-
-    def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
-        """Extra (rows, values) views for tokens the model builds from the rows (default: none)."""
-        return []
-
-    def row_crops(self, num_rows: int, segments: list[int], device: torch.device) -> torch.Tensor:
-        """(R,) the encoder image (segment) each output row comes from: equal shares per segment."""
-        per = num_rows // max(1, len(segments))
-        if per * len(segments) != num_rows:
-            return torch.zeros(num_rows, dtype=torch.long, device=device)
-        return torch.arange(len(segments), device=device).repeat_interleave(per)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Projector input rows (R, F) -> LLM input rows (R, D), by the model's own module."""
-        return self.rows_module()(features[None]).reshape(features.shape[0], -1)
-
-
-class _ClipProbe(_Probe):
-    """CLIP (LLaVA-1.5, LLaVA-NeXT) and SigLIP (LLaVA-OneVision) towers."""
-
-    def layers(self) -> nn.ModuleList:
-        tower = self.vlm.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    def attention(self, layer: int) -> nn.Module:
-        return self.layers()[layer].self_attn
-
-
-class _SiglipProbe(_ClipProbe):
-    has_cls = False
-
-    def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
-        # OneVision videos: the projector rows of each frame are bilinearly pooled (apply_pooling).
-        per = segments[0] if segments else 0
-        side = int(self.config.vision_config.image_size) // int(self.config.vision_config.patch_size)
-        if not segments or per != side * side or any(s != per for s in segments):
-            return []
-        b = len(segments)
-        pooled_rows = self.vlm.apply_pooling(rows.view(b, per, -1)).flatten(0, 1)
-        pooled = {
-            k: self.vlm.apply_pooling(v.view(b, per, -1).float()).flatten(0, 1) for k, v in values.items()
-        }
-        return [(pooled_rows, pooled)]
-
-
-class _InternVLProbe(_Probe):
-    def layers(self) -> nn.ModuleList:
-        return self.vlm.vision_tower.encoder.layer
-
-    def attention(self, layer: int) -> nn.Module:
-        return self.layers()[layer].attention
-
-    def qk(
-        self, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        x = args[0] if args else kwargs["hidden_states"]
-        b, s, _ = x.shape
-        q = module.q_norm(module.q_proj(x)).view(b, s, module.num_heads, -1)
-        k = module.k_norm(module.k_proj(x)).view(b, s, module.num_heads, -1)
-        return q.flatten(0, 1), k.flatten(0, 1), [s] * b
-
-    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
-        parts = torch.split(values, segments)
-        if self.drops_cls():
-            parts = [p[1:] for p in parts]
-        x = torch.stack(parts)  # (B, P, C)
-        b, p, c = x.shape
-        side = math.isqrt(p)
-        shuffled = self.vlm.pixel_shuffle(x.view(b, side, side, c), scale_factor=self.config.downsample_ratio)
-        group = round(1 / self.config.downsample_ratio**2)  # patches per token (4)
-        return shuffled.reshape(b, -1, group, c).mean(2).flatten(0, 1)
-
-
-class _QwenProbe(_Probe):
-    has_cls = False
-
-    def layers(self) -> nn.ModuleList:
-        return self.vlm.visual.blocks
-
-    def attention(self, layer: int) -> nn.Module:
-        return self.layers()[layer].attn
-
-    def select_layer(self) -> int:
-        return len(self.layers()) - 1  # the merger reads the last block
-
-    def rows_module(self) -> nn.Module:
-        return self.vlm.visual.merger
-
-    def qk(
-        self, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        x = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        cos, sin = kwargs["position_embeddings"]
-        s = x.shape[0]
-        q, k, _ = module.qkv(x).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-        q, k = rope(q, k, cos, sin)
-        segments = torch.diff(cu).tolist() if cu is not None else [s]
-        return q, k, [int(n) for n in segments if n > 0]
-
-    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
-        unit = int(self.vlm.visual.spatial_merge_size) ** 2  # consecutive patches of one merged token
-        return values.view(-1, unit, values.shape[-1]).mean(1)
-
-    def row_crops(self, num_rows: int, segments: list[int], device: torch.device) -> torch.Tensor:
-        unit = int(self.vlm.visual.spatial_merge_size) ** 2
-        lengths = torch.tensor([n // unit for n in segments], device=device)
-        if int(lengths.sum()) != num_rows:
-            return torch.zeros(num_rows, dtype=torch.long, device=device)
-        return torch.arange(len(segments), device=device).repeat_interleave(lengths)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        # the merger normalises each patch, then concatenates the 4 patches of a token
-        unit = int(self.vlm.visual.spatial_merge_size) ** 2
-        return self.rows_module()(features.reshape(features.shape[0] * unit, -1))
-
-
-_PROBES = {
-    "llava": _ClipProbe,
-    "llava_next": _ClipProbe,
-    "llava_onevision": _SiglipProbe,
-    "internvl": _InternVLProbe,
-    "qwen2_vl": _QwenProbe,
-    "qwen2_5_vl": _QwenProbe,
-}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Capture
@@ -291,10 +103,7 @@ class VisionCapture:
         keys_of: tuple[str, ...] = (),
         features: bool = False,
     ) -> None:
-        family = adapter.family
-        if family not in _PROBES:
-            raise ValueError(f"vision-side methods do not support model family {family!r}")
-        self.probe = _PROBES[family](adapter)
+        self.probe = adapter.vision_probe()
         n = len(self.probe.layers())
         specs = {k: v if isinstance(v, SignalSpec) else SignalSpec(int(v)) for k, v in layers.items()}
         for name, spec in specs.items():
@@ -474,13 +283,23 @@ class VisionMethod(Method):
     """Common part: capture hooks, the per-token signals of a sample, family checks."""
 
     needs_merge = False
-    families: tuple[str, ...] = CLS_FAMILIES + SUBSTITUTE_FAMILIES
+    families: tuple[str, ...] = ()  # derived from pact.models.ADAPTERS by `supports` (below)
     why_not = ""
     keys_of: tuple[str, ...] = ()  # signals whose full-width keys are recorded too
 
     def wants_features(self) -> bool:
         """Record the projector's input rows ("features") too."""
         return False
+
+    @classmethod
+    def supports(cls, adapter: Any) -> bool:
+        """Whether the method runs on a family (an adapter class or instance): its encoder has a
+        probe. Methods needing more of the family override this with adapter attributes."""
+        return adapter.vision_probe_class is not None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.families = tuple(family for family, adapter in ADAPTERS.items() if cls.supports(adapter))
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -490,7 +309,7 @@ class VisionMethod(Method):
             )
         self.capture: VisionCapture | None = None
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+    def signal_layers(self, probe: VisionProbe) -> dict[str, int | SignalSpec]:
         """Signal name -> vision-encoder layer (or `SignalSpec`) whose [CLS] attention (or
         substitute) is recorded."""
         return {"attn": probe.select_layer()}
@@ -504,14 +323,14 @@ class VisionMethod(Method):
         Raises:
             ValueError: the model family is not supported by this method (says why).
         """
-        if adapter.family not in self.families:
+        if not self.supports(adapter):
             raise ValueError(
                 f"{self.name} does not support the {adapter.family!r} model family: {self.why_not} "
                 f"(supported: {', '.join(self.families)})"
             )
         if self.capture is not None:
             self.capture.detach()
-        probe = _PROBES[adapter.family](adapter)
+        probe = adapter.vision_probe()
         self.capture = VisionCapture(
             adapter, self.signal_layers(probe), self.keys_of, features=self.wants_features()
         )
@@ -573,6 +392,11 @@ class VisionMethod(Method):
         return keep_count(n, float(self.config.keep_ratio)) if target is None else target
 
 
+VisionMethod.families = tuple(
+    family for family, adapter in ADAPTERS.items() if VisionMethod.supports(adapter)
+)
+
+
 def _model_dtype(cfg: Any, x: torch.Tensor) -> torch.dtype:
     """VisPruner's similarity dtype: the encoder's (official) or float32."""
     return x.dtype if getattr(cfg, "vispruner_dtype", "model") == "model" else torch.float32
@@ -602,7 +426,7 @@ class VisPruner(VisionMethod):
     def wants_features(self) -> bool:
         return getattr(self.config, "vision_features", "encoder") == "encoder"
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+    def signal_layers(self, probe: VisionProbe) -> dict[str, int | SignalSpec]:
         model_dtype = getattr(self.config, "vispruner_dtype", "model") == "model"
         return {"attn": SignalSpec(probe.select_layer(), "mean", model_dtype)}
 
@@ -680,7 +504,7 @@ class PruMerge(VisionMethod):
     def wants_features(self) -> bool:
         return getattr(self.config, "vision_features", "encoder") == "encoder"
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+    def signal_layers(self, probe: VisionProbe) -> dict[str, int | SignalSpec]:
         heads = "one" if getattr(self.config, "prumerge_attention", "full_width") == "full_width" else "mean"
         return {"attn": SignalSpec(min(probe.select_layer() + 1, len(probe.layers()) - 1), heads)}
 
@@ -799,13 +623,16 @@ class HiRED(VisionMethod):
     """
 
     name = "hired"
-    families = ("llava", "llava_next", "llava_onevision")
     why_not = (
         "HiRED splits the budget between a base image and its sub-images, a layout only LLaVA-1.5, "
         "LLaVA-NeXT and LLaVA-OneVision (anyres) have"
     )
 
-    def signal_layers(self, probe: _Probe) -> dict[str, int | SignalSpec]:
+    @classmethod
+    def supports(cls, adapter: Any) -> bool:
+        return super().supports(adapter) and adapter.base_and_sub_images
+
+    def signal_layers(self, probe: VisionProbe) -> dict[str, int | SignalSpec]:
         return {"attn": SignalSpec(probe.select_layer(), "sum"), "early": SignalSpec(0, "sum")}
 
     @staticmethod

@@ -77,7 +77,7 @@ class VisualTokenWithdrawal(Method):
     def reduce(self, signals: Signals) -> Reduction:
         n = signals.num_visual
         if self.config.target_tokens is not None:
-            at = self.withdraw_layer(len(signals.adapter.layers), n)
+            at = self.withdraw_layer(signals.num_layers, n)
             if signals.layer != at:
                 return identity_reduction(n, device=signals.hidden.device)
         empty = torch.zeros(0, dtype=torch.long, device=signals.hidden.device)

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pact.models.groups import Group, mrope_groups, runs, square_groups
+from pact.models.vision_probe import VisionProbe
+
 KNOWN_ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
 """Sub-modules of a decoder layer's attention that ``ModelAdapter.queries_keys`` models: the
 projections and the optional per-head q/k norms. Any other sub-module (an extra projection, a
@@ -29,16 +32,48 @@ class ModelAdapter:
     """Family-specific answers about one model instance.
 
     Class attributes:
-        family: short family name (``pact.testing.FAMILIES`` spelling).
-        class_names: Hugging Face class names this adapter accepts.
+        family: short family name (the key in ``pact.models.ADAPTERS``).
+        class_names: Hugging Face class names this adapter accepts; the first is the
+            ``*ForConditionalGeneration`` class (loaded by the lmms-eval model, built by
+            ``pact.testing``).
         model_types: ``config.model_type`` values this adapter accepts.
         mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
+        has_video: the Hugging Face class and processor accept videos.
+        default_checkpoint: hub id the lmms-eval model loads without ``pretrained=``.
+        vision_probe_class: the ``pact.models.vision_probe.VisionProbe`` subclass of the family's
+            vision encoder (None: vision-side methods do not run on this family).
+        base_and_sub_images: images are encoded as a base image plus optional sub-image crops
+            (LLaVA's anyres; LLaVA-1.5: the base image alone), the layout HiRED's budget split needs.
+        has_cls: the vision encoder has a [CLS] token (from the probe class; False without a probe).
+
+    Every family list of pact (lmms-eval models and manifests, ``pact methods``, the tiny models of
+    ``pact.testing``) is derived from these attributes of the adapters in ``pact.models.ADAPTERS``.
     """
 
     family: str = ""
     class_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
     mrope: bool = False
+    has_video: bool = False
+    default_checkpoint: str = ""
+    vision_probe_class: type[VisionProbe] | None = None
+    base_and_sub_images: bool = False
+    has_cls: bool = False  # set from the probe by __init_subclass__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.has_cls = cls.vision_probe_class is not None and cls.vision_probe_class.has_cls
+
+    @classmethod
+    def eval_model_name(cls) -> str:
+        """The lmms-eval ``--model`` name of this family (``pact_<family>``)."""
+        return f"pact_{cls.family}"
+
+    @classmethod
+    def eval_class_name(cls) -> str:
+        """Name of this family's lmms-eval model class in ``pact.eval.models`` (``Pact`` + the Hugging
+        Face class name without ``ForConditionalGeneration``, e.g. ``PactQwen2VL``)."""
+        return "Pact" + cls.class_names[0].removesuffix("ForConditionalGeneration")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -68,6 +103,16 @@ class ModelAdapter:
         """The vision encoder (for vision-side methods that read its attention)."""
         vlm = self.vlm
         return vlm.visual if hasattr(vlm, "visual") else vlm.vision_tower
+
+    def vision_probe(self) -> VisionProbe:
+        """The probe of this model's vision encoder (what vision-side methods read).
+
+        Raises:
+            ValueError: the family declares no probe (``vision_probe_class`` is None).
+        """
+        if self.vision_probe_class is None:
+            raise ValueError(f"vision-side methods do not support model family {self.family!r}")
+        return self.vision_probe_class(self)
 
     @property
     def attn_implementation(self) -> str:
@@ -222,6 +267,31 @@ class ModelAdapter:
         for tid in self.visual_token_ids():
             mask |= input_ids == tid
         return mask
+
+    # --- visual token grids ---------------------------------------------------------------------
+
+    def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
+        """Per sample, the row-major grids of its visual tokens (``pact.models.groups.Group``), from
+        ``input_ids`` (B, T) and the call's keyword arguments. Used when ``mrope`` is False.
+
+        Raises:
+            ValueError: the family has no grid layout (override in the family's adapter).
+        """
+        raise ValueError(f"no visual token layout for model family {self.family!r}")
+
+    def position_groups(self, positions: torch.Tensor, visual_mask: torch.Tensor) -> list[Group]:
+        """The grids of one sample's visual tokens from its (3, T) M-RoPE positions and (T,) visual
+        mask (``mrope`` families: each run of visual tokens spans an (h, w) grid, frame by frame)."""
+        if not self.mrope:
+            raise ValueError(f"{self.family}: positions are not M-RoPE triples; use visual_groups")
+        return mrope_groups(positions, visual_mask)
+
+    def _square_visual_groups(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any], per_image: int, kind: str
+    ) -> list[list[Group]]:
+        """Per sample groups when every ``per_image`` consecutive candidates form one square grid."""
+        candidates = self.candidate_mask(input_ids, inputs)
+        return [square_groups([n for _, n in runs(row)], per_image, kind) for row in candidates]
 
 
 def unsupported_model_error(model: nn.Module, supported: Mapping[str, type[ModelAdapter]]) -> ValueError:

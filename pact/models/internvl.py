@@ -6,10 +6,57 @@ turns video frames into such tiles too); the start/end tokens are text.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
 from pact.models.base import ModelAdapter
+from pact.models.groups import Group
+from pact.models.vision_probe import VisionProbe
+
+
+class InternVLProbe(VisionProbe):
+    """InternViT (with [CLS] and q/k norms); the pixel shuffle turns 2x2 patches into one LLM row."""
+
+    def layers(self) -> nn.ModuleList:
+        return self.vlm.vision_tower.encoder.layer
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention
+
+    def qk(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        x = args[0] if args else kwargs["hidden_states"]
+        b, s, _ = x.shape
+        q = module.q_norm(module.q_proj(x)).view(b, s, module.num_heads, -1)
+        k = module.k_norm(module.k_proj(x)).view(b, s, module.num_heads, -1)
+        return q.flatten(0, 1), k.flatten(0, 1), [s] * b
+
+    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        parts = torch.split(values, segments)
+        if self.drops_cls():
+            parts = [p[1:] for p in parts]
+        x = torch.stack(parts)  # (B, P, C)
+        b, p, c = x.shape
+        side = math.isqrt(p)
+        shuffled = self.vlm.pixel_shuffle(x.view(b, side, side, c), scale_factor=self.config.downsample_ratio)
+        group = round(1 / self.config.downsample_ratio**2)  # patches per token (4)
+        return shuffled.reshape(b, -1, group, c).mean(2).flatten(0, 1)
 
 
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     class_names = ("InternVLForConditionalGeneration", "InternVLModel")
     model_types = ("internvl",)
+    has_video = True
+    default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
+    vision_probe_class = InternVLProbe
+
+    def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
+        """Every ``image_seq_length`` consecutive tokens are one square tile (the tiles of one run of
+        visual tokens belong to one image)."""
+        return self._square_visual_groups(input_ids, inputs, int(self.model.config.image_seq_length), "tile")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from pact.models.base import ModelAdapter
+from pact.models.groups import Group, anyres_groups, runs
+from pact.models.llava import ClipProbe
 
 
 def _scatter_flags(
@@ -43,6 +45,9 @@ class LlavaNextAdapter(ModelAdapter):
     family = "llava_next"
     class_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     model_types = ("llava_next",)
+    default_checkpoint = "llava-hf/llava-v1.6-mistral-7b-hf"
+    vision_probe_class = ClipProbe
+    base_and_sub_images = True
 
     def _module(self) -> Any:
         return sys.modules[type(self.vlm).__module__]
@@ -122,3 +127,55 @@ class LlavaNextAdapter(ModelAdapter):
 
     def candidate_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
         return super().candidate_mask(input_ids, inputs) & ~self.newline_mask(input_ids, inputs)
+
+    def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
+        """Per sample: each image's base crop (side x side), then its unpadded crop grid (rows x cols;
+        the newline slot after each row is not a visual token), read from ``image_flags``; each
+        OneVision video: per frame a ceil(side/2)^2 grid."""
+        cfg = self.model.config
+        side = self._grid_side()
+        flags = self.image_flags(input_ids, inputs)
+        image_id = cfg.image_token_id
+        video_id = getattr(cfg, "video_token_id", None)
+        per_sample: list[list[Group]] = []
+        k = 0  # next image (images fill the batch's image slots in row-major order)
+        frames = 0
+        if video_id is not None and bool((input_ids == video_id).any()):
+            videos = inputs.get("pixel_values_videos")
+            if videos is not None:
+                frames = int(videos.shape[1])
+            else:
+                encoded = (inputs.get("mm_encoder_outputs") or {}).get("video")
+                pooled = math.ceil(side / 2) ** 2
+                frames = (int(encoded.pooler_output.shape[1]) - 1) // pooled
+        for row in input_ids:
+            groups: list[Group] = []
+            start = 0
+            image = 0
+            # walk the visual runs in sequence order: each image run is a whole number of images
+            kinds = (row == image_id).long()
+            if video_id is not None:
+                kinds = kinds + 2 * (row == video_id).long()
+            spans = sorted(
+                [(a, n, 1) for a, n in runs(kinds == 1)] + [(a, n, 2) for a, n in runs(kinds == 2)]
+            )
+            for _, length, kind in spans:
+                if kind == 1:
+                    used = 0
+                    while used < length:
+                        f = flags[k]
+                        new, start = anyres_groups(f, side * side, image, start)
+                        groups += new
+                        used += int(f.numel())
+                        k += 1
+                        image += 1
+                else:
+                    pooled_side = math.ceil(side / 2)
+                    per_video = frames * pooled_side**2 + 1
+                    for _ in range(length // per_video):
+                        for _f in range(frames):
+                            groups.append(Group(image, "frame", start, pooled_side, pooled_side))
+                            start += pooled_side**2
+                        image += 1
+            per_sample.append(groups)
+        return per_sample

@@ -14,13 +14,36 @@ from typing import Any
 
 import torch
 
+from pact.models.llava import ClipProbe
 from pact.models.llava_next import LlavaNextAdapter, _scatter_flags
+
+
+class SiglipProbe(ClipProbe):
+    """SigLIP (no [CLS]); OneVision videos add the pooled view of each frame's rows."""
+
+    has_cls = False
+
+    def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
+        # OneVision videos: the projector rows of each frame are bilinearly pooled (apply_pooling).
+        per = segments[0] if segments else 0
+        side = int(self.config.vision_config.image_size) // int(self.config.vision_config.patch_size)
+        if not segments or per != side * side or any(s != per for s in segments):
+            return []
+        b = len(segments)
+        pooled_rows = self.vlm.apply_pooling(rows.view(b, per, -1)).flatten(0, 1)
+        pooled = {
+            k: self.vlm.apply_pooling(v.view(b, per, -1).float()).flatten(0, 1) for k, v in values.items()
+        }
+        return [(pooled_rows, pooled)]
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     class_names = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     model_types = ("llava_onevision",)
+    has_video = True
+    default_checkpoint = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    vision_probe_class = SiglipProbe
 
     def _vision_aspect_ratio(self, inputs: Mapping[str, Any]) -> str | None:
         return inputs.get("vision_aspect_ratio") or getattr(

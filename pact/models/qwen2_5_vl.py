@@ -10,3 +10,4 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face
     family = "qwen2_5_vl"
     class_names = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
     model_types = ("qwen2_5_vl",)
+    default_checkpoint = "Qwen/Qwen2.5-VL-7B-Instruct"
