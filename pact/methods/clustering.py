@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, spec
 from pact.methods.budget import (
     cluster_reduction,
     pruned_reduction,
@@ -34,7 +34,6 @@ from pact.methods.budget import (
     select_by_scores,
     target_count,
 )
-from pact.methods.controls import norm_token_scores, random_token_scores
 from pact.methods.fastv import fastv_input_layers, fastv_token_scores
 from pact.methods.pact import cluster_features
 from pact.ops import clustering as ops_clustering
@@ -60,16 +59,6 @@ def euti_token_scores(signals: Signals) -> torch.Tensor:
         multiply_by_norm=bool(cfg.multiply_by_norm),
         norm_order=float(cfg.norm_order),
     )
-
-
-PRUNERS: dict[str, Callable[[Signals], torch.Tensor]] = {
-    "euti": euti_token_scores,
-    "fastv": fastv_token_scores,
-    "norm": norm_token_scores,
-    "random": random_token_scores,
-}
-"""Score-based pruning stages usable before a clustering: pruning name -> (signals -> (N,) scores).
-``pact.methods.custom_method`` adds "custom"."""
 
 
 def _count(cfg: Any, s: int, target: int | None) -> int:
@@ -141,32 +130,33 @@ def dbscan_clusters(x: torch.Tensor, cfg: Any, target: int | None) -> tuple[torc
     return _dbscan(x, cfg, eps)
 
 
-CLUSTERERS: dict[str, Clusterer] = {
-    "kmeans": kmeans_clusters,
-    "agglomerative": agglomerative_clusters,
-    "dpc": dpc_clusters,
-    "dbscan": dbscan_clusters,
-}
-"""clustering name -> Clusterer."""
-
-
 class PruneThenCluster(Method):
     """Optional score pruning (``cfg.pruning``), then a clustering (``cfg.clustering``) of the survivors.
 
-    Registered for every pruning in ``PRUNERS`` (and "none") x every clustering in ``CLUSTERERS``.
+    The composer of every "clusterer" with a ``cluster_fn``: ``build_method`` resolves any score
+    pruner (or "none") + such a clusterer to this class at call time.
     """
 
     name = "prune_then_cluster"
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.pruner = None if config.pruning == "none" else spec(PRUNING, config.pruning)
+        self.cluster_fn = spec(CLUSTERING, config.clustering).cluster_fn
+        if self.pruner is not None and self.pruner.check is not None:
+            self.pruner.check(config)
+
     def input_layers(self, num_layers: int) -> list[int]:
-        return fastv_input_layers(self.config) if self.config.pruning == "fastv" else []
+        if self.pruner is None or self.pruner.input_layers is None:
+            return []
+        return self.pruner.input_layers(self.config)
 
     def prune(self, signals: Signals) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(subset: ascending visual indices that survive the pruning, scores or None)."""
         n = signals.num_visual
         if self.config.pruning == "none":
             return torch.arange(n, device=signals.hidden.device), None
-        scores = PRUNERS[self.config.pruning](signals)
+        scores = self.pruner.score_fn(signals)
         return select_by_scores(scores, self.config, alone=False), scores
 
     def reduce(self, signals: Signals) -> Reduction:
@@ -180,7 +170,7 @@ class PruneThenCluster(Method):
         target = target_count(cfg, n)
         if target == 0:
             return pruned_reduction(subset[:0], n, scores=scores)
-        centers, labels = CLUSTERERS[cfg.clustering](x, cfg, target)
+        centers, labels = self.cluster_fn(x, cfg, target)
         return cluster_reduction(
             signals.hidden[vis],
             signals.sizes,
@@ -193,6 +183,19 @@ class PruneThenCluster(Method):
         )
 
 
-for _pruning in ("none", *PRUNERS):
-    for _clustering in CLUSTERERS:
-        register(_pruning, _clustering)(PruneThenCluster)
+declare(PRUNING, "euti", "score pruner", "EUTI pruning (PACT's importance score)", score_fn=euti_token_scores)
+declare(
+    PRUNING,
+    "fastv",
+    "score pruner",
+    "FastV pruning (attention received; reference or original variant)",
+    score_fn=fastv_token_scores,
+    input_layers=fastv_input_layers,
+)
+for _name, _fn, _text in (
+    ("kmeans", kmeans_clusters, "k-means clustering (Euclidean on the keys)"),
+    ("dpc", dpc_clusters, "density-peaks clustering"),
+    ("agglomerative", agglomerative_clusters, "agglomerative clustering (single/average/complete)"),
+    ("dbscan", dbscan_clusters, "DBSCAN clustering (noise dropped or singletons)"),
+):
+    declare(CLUSTERING, _name, "clusterer", _text, composer=PruneThenCluster, cluster_fn=_fn)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, Method, Signals, declare, register
 from pact.methods.budget import dbdpc_cutoff_for, pruned_reduction, target_count
 from pact.ops.pact import pact_reduce
 from pact.ops.reduction import Reduction, identity_reduction
 from pact.ops.scoring import euti_scores, keep_topk
 
 
-@register("none", "none")
+@register("none", "none", "no reduction (identity)")
 class Identity(Method):
     """Keeps every visual token as it is (size 1)."""
 
@@ -46,7 +46,10 @@ def cluster_features(signals: Signals) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-@register("euti", "dbdpc")
+declare(CLUSTERING, "dbdpc", "whole method", "DBDPC clustering (PACT)")
+
+
+@register("euti", "dbdpc", "PACT: EUTI pruning + DBDPC clustering + retrieval of pruned tokens")
 @register("euti", "none")
 @register("none", "dbdpc")
 class Pact(Method):
