@@ -29,6 +29,7 @@ import torch
 from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, spec
 from pact.methods.budget import (
     cluster_reduction,
+    dbdpc_cutoff_for,
     pruned_reduction,
     search_threshold,
     select_by_scores,
@@ -37,6 +38,7 @@ from pact.methods.budget import (
 from pact.methods.fastv import fastv_input_layers, fastv_token_scores
 from pact.methods.pact import cluster_features
 from pact.ops import clustering as ops_clustering
+from pact.ops.dbdpc import dbdpc, retrieve
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import euti_scores
 
@@ -183,6 +185,53 @@ class PruneThenCluster(Method):
         )
 
 
+class PruneThenDbdpc(PruneThenCluster):
+    """Any score pruner, then PACT's DBDPC clustering and retrieval of the pruned tokens.
+
+    PACT's pipeline (``pact.ops.pact.pact_reduce``) with the pruner's scores in place of EUTI's: the
+    pruning keeps its tokens (``select_by_scores``: ``keep_ratio`` or IQR), DBDPC clusters them with
+    ``cutoff`` (bisected to meet a budget, as PACT does), and with ``retrieval`` every pruned token
+    within ``retrieval_coef * cutoff`` of a center joins that center. euti+dbdpc and none+dbdpc are
+    PACT itself (``pact.methods.pact.Pact``, registered pairs); this composer runs the other score
+    pruners (e.g. fastv+dbdpc), and with EUTI scores it gives PACT's reduction.
+    """
+
+    name = "prune_then_dbdpc"
+
+    def reduce(self, signals: Signals) -> Reduction:
+        cfg = self.config
+        n = signals.num_visual
+        subset, scores = self.prune(signals)
+        target = target_count(cfg, n)
+        if subset.numel() == 0 or target == 0:
+            return pruned_reduction(subset[:0], n, scores=scores)
+        features = cluster_features(signals)[signals.visual_mask]
+        x = features[subset]
+        cutoff = float(cfg.cutoff)
+        if target is not None:
+            cutoff = dbdpc_cutoff_for(x, target, cfg.density_bandwidth, cfg.density_kernel)
+        centers, labels = dbdpc(x, cutoff, cfg.density_bandwidth, kernel=cfg.density_kernel)
+        extra = None
+        if cfg.retrieval and subset.numel() < n and centers.numel():
+            pruned = torch.ones(n, dtype=torch.bool, device=subset.device)
+            pruned[subset] = False
+            pruned_idx = pruned.nonzero().squeeze(1)
+            near = retrieve(features[pruned_idx], x[centers], float(cfg.retrieval_coef) * cutoff)
+            extra = torch.full((n,), -1, dtype=torch.long, device=subset.device)
+            extra[pruned_idx] = torch.where(near >= 0, centers[near.clamp(min=0)], near)
+        return cluster_reduction(
+            signals.hidden[signals.visual_mask],
+            signals.sizes,
+            n,
+            subset,
+            centers,
+            labels,
+            merge_mean=bool(cfg.merge_mean),
+            scores=scores,
+            extra_labels=extra,
+        )
+
+
 declare(PRUNING, "euti", "score pruner", "EUTI pruning (PACT's importance score)", score_fn=euti_token_scores)
 declare(
     PRUNING,
@@ -199,3 +248,4 @@ for _name, _fn, _text in (
     ("dbscan", dbscan_clusters, "DBSCAN clustering (noise dropped or singletons)"),
 ):
     declare(CLUSTERING, _name, "clusterer", _text, composer=PruneThenCluster, cluster_fn=_fn)
+declare(CLUSTERING, "dbdpc", "clusterer", "DBDPC clustering (PACT)", composer=PruneThenDbdpc)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pact.methods.base import CLUSTERING, Method, Signals, declare, register
+from pact.methods.base import Method, Signals, register
 from pact.methods.budget import dbdpc_cutoff_for, pruned_reduction, target_count
 from pact.ops.pact import pact_reduce
 from pact.ops.reduction import Reduction, identity_reduction
@@ -44,9 +44,6 @@ def cluster_features(signals: Signals) -> torch.Tensor:
     rope = choice.endswith("_rope")
     x = signals.keys(rope=rope) if choice.startswith("keys") else signals.queries(rope=rope)
     return x.reshape(x.shape[0], -1)
-
-
-declare(CLUSTERING, "dbdpc", "whole method", "DBDPC clustering (PACT)")
 
 
 @register("euti", "dbdpc", "PACT: EUTI pruning + DBDPC clustering + retrieval of pruned tokens")
