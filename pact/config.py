@@ -125,6 +125,8 @@ class PactConfig:
     euti_query: str = "prefix"
     """EUTI global query: mean query over the "prefix" (reference code) or over the "visual" tokens
     (paper eq. 1)."""
+    # -- per-method pruning settings (FastV, random, VTW, VisPruner, HiRED, vision side): a new
+    #    pruning method's fields go at the end of this block, named after the method
     fastv_variant: str = "reference"
     """"reference": the reference's FastV (layer L, prefix queries, mean over queries and heads);
     "original": FastV's own rule (last token's attention at layer L - 1)."""
@@ -177,6 +179,8 @@ class PactConfig:
     the members' "mean" (per M-RoPE axis), or "renumber" (1-D RoPE: contiguous positions over the
     reduced sequence, decoding from its length; M-RoPE: the kept tokens' (t, h, w) ids, as the Qwen
     ports of vision-side methods; docs/CONFIGDOC.md, "Positions")."""
+    # -- per-method clustering settings (k-means, DPC, agglomerative, DBSCAN, ToMe, pooling,
+    #    PruMerge): a new clustering method's fields go at the end of this block
     cluster_ratio: float = 1.0
     """Fraction of tokens kept as clusters, in (0, 1]: k-means k, DPC centers, agglomerative
     n_clusters."""
@@ -362,6 +366,7 @@ _RULES: dict[str, _Rule] = {
     "euti_rope": _BOOL,
     "euti_support": _choice("prefix", "visual"),
     "euti_query": _choice("prefix", "visual"),
+    # -- per-method pruning settings (same block as in the dataclass)
     "fastv_variant": _choice("reference", "original"),
     "fastv_causal": _BOOL,
     "random_seed": _at_least(0),
@@ -383,6 +388,7 @@ _RULES: dict[str, _Rule] = {
     "cluster_features": _choice("keys_rope", "keys", "queries", "queries_rope", "hidden"),
     "proportional_attention": _BOOL,
     "position_mode": _choice("center", "mean", "renumber"),
+    # -- per-method clustering settings (same block as in the dataclass)
     "cluster_ratio": _unit(lo_open=True),
     "kmeans_iters": _at_least(1),
     "linkage": _choice("single", "average", "complete"),
