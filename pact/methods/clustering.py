@@ -17,6 +17,10 @@ Budget (``target_tokens`` / ``target_ratio``): the count becomes the target for 
 agglomerative and DPC; DBSCAN bisects eps (``search_dbscan_eps``). With a pruning stage
 (``fastv``, ``norm``, ``random``, ``euti``, ``custom``) the pruning keeps ``int(N * keep_ratio)``
 tokens and the clustering of those meets the budget.
+
+Composition: each clustering here is declared a "clusterer" (``pact.methods.base.declare``) with its
+composer (``PruneThenCluster``, or ``PruneThenDbdpc`` for DBDPC); ``build_method`` pairs it with any
+declared score pruner at call time, so a pruner added in another file composes too.
 """
 
 from __future__ import annotations
