@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CLUSTERING_METHODS",
+    "CLUSTERING_METHODS",  # noqa: F822 (module __getattr__, derived from the method registry)
     "CONFIGS_DIR",
-    "PRUNING_METHODS",
+    "PRUNING_METHODS",  # noqa: F822 (module __getattr__)
     "REFERENCE_KEYS",
-    "SCORE_PRUNING_METHODS",
+    "SCORE_PRUNING_METHODS",  # noqa: F822 (module __getattr__)
     "PactConfig",
     "config_names",
     "load_config",
@@ -47,21 +47,31 @@ __all__ = [
 # top-level configs/ is a symlink to it, so reference-style paths like configs/pact.json work).
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
-PRUNING_METHODS = ("none", "euti", "fastv", "norm", "random", "withdraw", "vispruner", "hired", "custom")
-CLUSTERING_METHODS = (
-    "none",
-    "dbdpc",
-    "tome",
-    "kmeans",
-    "dpc",
-    "agglomerative",
-    "dbscan",
-    "prumerge",
-    "pooling",
-    "custom",
-)
-# Pruning methods that produce one score per visual token, so a score threshold (IQR) can apply.
-SCORE_PRUNING_METHODS = ("euti", "fastv", "norm", "random", "custom")
+# The method names are not listed here: they are derived from the method registry
+# (`pact.methods.base.declare`), so a new method file is enough. Deriving them imports the method
+# modules (and torch), so it happens on first use, never at import time (`pact --help` stays fast):
+# `PRUNING_METHODS`, `CLUSTERING_METHODS` and `SCORE_PRUNING_METHODS` are computed by the module
+# `__getattr__` below, and the `pruning` / `clustering` rules ask the registry when they validate.
+_METHOD_LISTS = {
+    "PRUNING_METHODS": ("pruning", None),
+    "CLUSTERING_METHODS": ("clustering", None),
+    # Pruning methods that produce one score per visual token, so a score threshold (IQR) can apply.
+    "SCORE_PRUNING_METHODS": ("pruning", "score pruner"),
+}
+
+
+def _method_names(axis: str, kind: str | None = None) -> tuple[str, ...]:
+    """Registered pruning/clustering names ("none" first unless ``kind``), from the registry."""
+    import pact.methods  # noqa: F401  (imports every method module, which declares its names)
+    from pact.methods.base import names
+
+    return names(axis, kind)
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name in _METHOD_LISTS:
+        return _method_names(*_METHOD_LISTS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -81,11 +91,11 @@ class PactConfig:
     """Decoder layer index L (0-based). Reduction happens on the hidden states entering layer L;
     layers < L see every token."""
     pruning: str = "euti"
-    """Pruning method: one of PRUNING_METHODS (none, euti, fastv, norm, random, withdraw = VTW,
-    vispruner, hired, custom)."""
+    """Pruning method: one of PRUNING_METHODS, derived from the method registry (none, euti, fastv,
+    norm, random, withdraw = VTW, vispruner, hired, custom; `pact methods` lists them)."""
     clustering: str = "dbdpc"
-    """Clustering/merging method: one of CLUSTERING_METHODS (none, dbdpc, tome, kmeans, dpc,
-    agglomerative, dbscan, prumerge, pooling, custom)."""
+    """Clustering/merging method: one of CLUSTERING_METHODS, derived from the method registry (none,
+    dbdpc, tome, kmeans, dpc, agglomerative, dbscan, prumerge, pooling, custom)."""
     progressive: bool = False
     """Re-apply the method at every layer >= L instead of once at L."""
     target_tokens: int | None = None
@@ -115,6 +125,8 @@ class PactConfig:
     euti_query: str = "prefix"
     """EUTI global query: mean query over the "prefix" (reference code) or over the "visual" tokens
     (paper eq. 1)."""
+    # -- per-method pruning settings (FastV, random, VTW, VisPruner, HiRED, vision side): a new
+    #    pruning method's fields go at the end of this block, named after the method
     fastv_variant: str = "reference"
     """"reference": the reference's FastV (layer L, prefix queries, mean over queries and heads);
     "original": FastV's own rule (last token's attention at layer L - 1)."""
@@ -171,6 +183,8 @@ class PactConfig:
     the members' "mean" (per M-RoPE axis), or "renumber" (1-D RoPE: contiguous positions over the
     reduced sequence, decoding from its length; M-RoPE: the kept tokens' (t, h, w) ids, as the Qwen
     ports of vision-side methods; docs/CONFIGDOC.md, "Positions")."""
+    # -- per-method clustering settings (k-means, DPC, agglomerative, DBSCAN, ToMe, pooling,
+    #    PruMerge): a new clustering method's fields go at the end of this block
     cluster_ratio: float = 1.0
     """Fraction of tokens kept as clusters, in (0, 1]: k-means k, DPC centers, agglomerative
     n_clusters."""
@@ -282,11 +296,17 @@ class _Rule:
     hi_open: bool = False
     pattern: str | None = None  # regex a string must match fully
     pattern_doc: str = ""
+    method_axis: str | None = None  # choices are the registered "pruning"/"clustering" names
+
+    def allowed_choices(self) -> tuple[str, ...] | None:
+        """The allowed strings, or None (asked of the method registry for a method key)."""
+        return _method_names(self.method_axis) if self.method_axis is not None else self.choices
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""
-        if self.choices is not None:
-            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        choices = self.allowed_choices()
+        if choices is not None:
+            text = "one of " + ", ".join(repr(c) for c in choices)
         elif self.kind is bool:
             text = "true or false"
         elif self.kind in (int, float):
@@ -336,8 +356,8 @@ _RULES: dict[str, _Rule] = {
     # selection
     "reduction": _BOOL,
     "layer": _at_least(0),
-    "pruning": _choice(*PRUNING_METHODS),
-    "clustering": _choice(*CLUSTERING_METHODS),
+    "pruning": _Rule(str, method_axis="pruning"),
+    "clustering": _Rule(str, method_axis="clustering"),
     "progressive": _BOOL,
     "target_tokens": _at_least(0, nullable=True),
     "target_ratio": _unit(nullable=True),
@@ -350,6 +370,7 @@ _RULES: dict[str, _Rule] = {
     "euti_rope": _BOOL,
     "euti_support": _choice("prefix", "visual"),
     "euti_query": _choice("prefix", "visual"),
+    # -- per-method pruning settings (same block as in the dataclass)
     "fastv_variant": _choice("reference", "original"),
     "fastv_causal": _BOOL,
     "random_seed": _at_least(0),
@@ -372,6 +393,7 @@ _RULES: dict[str, _Rule] = {
     "cluster_features": _choice("keys_rope", "keys", "queries", "queries_rope", "hidden"),
     "proportional_attention": _BOOL,
     "position_mode": _choice("center", "mean", "renumber"),
+    # -- per-method clustering settings (same block as in the dataclass)
     "cluster_ratio": _unit(lo_open=True),
     "kmeans_iters": _at_least(1),
     "linkage": _choice("single", "average", "complete"),
@@ -411,10 +433,11 @@ def _combination_problems(c: PactConfig) -> list[str]:
             "clustering='tome' runs its own merge schedule and needs pruning='none' "
             f"(got pruning={c.pruning!r})"
         )
-    if c.pruning_selection == "iqr" and c.pruning not in SCORE_PRUNING_METHODS:
+    score_pruners = _method_names("pruning", "score pruner") if c.pruning_selection == "iqr" else ()
+    if c.pruning_selection == "iqr" and c.pruning not in score_pruners:
         problems.append(
             "pruning_selection='iqr' thresholds pruning scores, so pruning must be one of "
-            f"{', '.join(repr(m) for m in SCORE_PRUNING_METHODS)} (got pruning={c.pruning!r}); "
+            f"{', '.join(repr(m) for m in score_pruners)} (got pruning={c.pruning!r}); "
             "use pruning_selection='ratio' otherwise"
         )
     if c.pruning_selection == "iqr" and (c.target_tokens is not None or c.target_ratio is not None):
@@ -491,8 +514,9 @@ def _check_value(field_name: str, value: Any, label: str) -> Any:
             raise ValueError(f"{label} must be a finite number, got {value}; {expected}")
     elif not isinstance(value, str):
         raise ValueError(f"{label} must be a string, got {_show(value)}; {expected}")
-    if rule.choices is not None and value not in rule.choices:
-        raise ValueError(f"{label} must be {rule.allowed()}, got {value!r}{_suggest(value, rule.choices)}")
+    choices = rule.allowed_choices()
+    if choices is not None and value not in choices:
+        raise ValueError(f"{label} must be {rule.allowed()}, got {value!r}{_suggest(value, choices)}")
     if rule.lo is not None and (value <= rule.lo if rule.lo_open else value < rule.lo):
         raise ValueError(f"{label} must be {rule.allowed()}, got {value}")
     if rule.hi is not None and (value >= rule.hi if rule.hi_open else value > rule.hi):

@@ -1,19 +1,25 @@
-"""Reduction methods: one file per method family, each registering its (pruning, clustering) pairs.
+"""Reduction methods: one file per method family; each declares its names and registers its pairs.
 
 ``build_method(cfg)`` returns the method selected by ``cfg.pruning`` / ``cfg.clustering``. To add a
-method, write a file here with a ``Method`` subclass decorated by ``@register(pruning, clustering)``
-and import it below.
+method, write a file here that ``declare``s its name (kind, one-line description, and for a score
+pruner its score function) and registers its ``Method`` subclass with ``@register(pruning,
+clustering)``; every module of this package is imported below (``pkgutil``), and pairs with every
+clusterer (k-means, ..., custom) are resolved at build time. See DESIGN.md, "Adding a method".
 """
 
-from pact.methods import clustering as _clustering  # noqa: F401  (k-means, agglomerative, DPC, DBSCAN)
-from pact.methods import controls as _controls  # noqa: F401  (random, norm, pooling)
-from pact.methods import custom_method as _custom_method  # noqa: F401  (custom hooks)
-from pact.methods import fastv as _fastv  # noqa: F401  (FastV)
-from pact.methods import pact as _pact  # noqa: F401  (registers PACT and its ablations)
-from pact.methods import tome as _tome  # noqa: F401  (ToMe)
-from pact.methods import vision as _vision  # noqa: F401  (VisPruner, PruMerge, HiRED)
-from pact.methods import vtw as _vtw  # noqa: F401  (VTW)
-from pact.methods.base import REGISTRY, Method, Signals, build_method, register
+import importlib
+import pkgutil
+
+from pact.methods.base import REGISTRY, Method, Signals, build_method, declare, register
 from pact.methods.listing import main  # noqa: F401  (`pact methods`)
 
-__all__ = ["REGISTRY", "Method", "Signals", "build_method", "register"]
+
+def _import_method_modules() -> None:
+    """Import every module of this package so that each declares and registers its methods."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_method_modules()
+
+__all__ = ["REGISTRY", "Method", "Signals", "build_method", "declare", "register"]

@@ -10,14 +10,20 @@ attributes directly (it asks its ``Signals``).
             scores = my_scores(s.hidden, s.queries(), s.keys(), s.visual_mask)
             return reduction_from_keep(keep_topk(scores, self.config.keep_ratio), s.num_visual)
 
-Selection: ``build_method(cfg)`` looks ``(cfg.pruning, cfg.clustering)`` up in ``REGISTRY`` (a method
-file registers its pairs at import; ``pact.methods.__init__`` imports every method file).
+Registry: every pruning and clustering NAME is declared once, with its kind and its one-line
+description (``declare``); whole methods register the class that runs a (pruning, clustering) pair
+(``register``). ``build_method(cfg)`` resolves the pair at call time: a registered pair wins; else a
+score pruner (or "none") followed by a composable clusterer builds that clusterer's composer (e.g.
+``PruneThenCluster``). ``pact.methods`` imports every module of the package (``pkgutil``), so a
+method file needs no import list. The config's name lists (``pact.config.PRUNING_METHODS`` ...) and
+``pact methods`` are derived from this registry.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -223,22 +229,170 @@ class Method(ABC):
         """The reduction of one sample at one layer (every method implements it)."""
 
 
-REGISTRY: dict[tuple[str, str], Callable[[Any], Method]] = {}
-"""(pruning, clustering) -> method factory taking the PactConfig."""
+PRUNING = "pruning"
+CLUSTERING = "clustering"
+KINDS = ("score pruner", "clusterer", "whole method")
+"""What a declared name is: a "score pruner" gives one score per visual token (``score_fn``) and
+composes with every clusterer (and allows ``pruning_selection="iqr"``); a "clusterer" composes after
+any score pruner through its ``composer`` class; a "whole method" runs only in its registered pairs."""
 
 
-def register(pruning: str, clustering: str) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class MethodSpec:
+    """The surface of one pruning or clustering name.
+
+    axis: "pruning" or "clustering" (which config key selects it).
+    name: the config value.
+    kind: one of ``KINDS``.
+    description: one line, printed by ``pact methods``.
+    score_fn: score pruners: ``signals -> (N,) float scores`` (higher = keep).
+    composer: clusterers: ``config -> Method`` running "score pruning (or none), then this clustering".
+    cluster_fn: clusterers driven by ``PruneThenCluster``: ``(features (S, F), config, target count or
+        None) -> (centers (C,), labels (S,))``.
+    input_layers: score pruners reading earlier layers: ``config -> [layer, ...]`` (see
+        ``Method.input_layers``).
+    check: optional ``config -> None`` run when a composed method is built (raise early on a bad
+        setting, e.g. an unimportable custom hook).
+    """
+
+    axis: str
+    name: str
+    kind: str
+    description: str
+    score_fn: Callable[[Signals], torch.Tensor] | None = None
+    composer: Callable[[Any], Method] | None = None
+    cluster_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    input_layers: Callable[[Any], list[int]] | None = None
+    check: Callable[[Any], None] | None = None
+
+
+SPECS: dict[tuple[str, str], MethodSpec] = {}
+"""(axis, name) -> MethodSpec of every declared pruning and clustering name."""
+
+REGISTERED: dict[tuple[str, str], Callable[[Any], Method]] = {}
+"""(pruning, clustering) -> method factory taking the PactConfig, for explicitly registered pairs
+(whole methods and the stand-alone form of score pruners). Composed pairs are resolved on demand
+(``resolve``); ``REGISTRY`` shows both."""
+
+PAIR_DESCRIPTIONS: dict[tuple[str, str], str] = {}
+"""(pruning, clustering) -> description of a registered pair that is more than its two names."""
+
+
+def declare(
+    axis: str,
+    name: str,
+    kind: str,
+    description: str,
+    *,
+    score_fn: Callable[[Signals], torch.Tensor] | None = None,
+    composer: Callable[[Any], Method] | None = None,
+    cluster_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    input_layers: Callable[[Any], list[int]] | None = None,
+    check: Callable[[Any], None] | None = None,
+) -> MethodSpec:
+    """Declare a pruning or clustering name (call it once, in the method's own file).
+
+    Raises:
+        ValueError: a bad axis or kind, a score pruner without ``score_fn``, a clusterer without
+            ``composer``, or the name declared twice with a different surface.
+    """
+    if axis not in (PRUNING, CLUSTERING):
+        raise ValueError(f"declare: axis={axis!r}; allowed: {PRUNING!r}, {CLUSTERING!r}")
+    if kind not in KINDS:
+        raise ValueError(
+            f"declare({axis!r}, {name!r}): kind={kind!r}; allowed: {', '.join(map(repr, KINDS))}"
+        )
+    if kind == "score pruner" and (axis != PRUNING or score_fn is None):
+        raise ValueError(f"declare({axis!r}, {name!r}): a score pruner is a pruning with a score_fn")
+    if kind == "clusterer" and (axis != CLUSTERING or composer is None):
+        raise ValueError(f"declare({axis!r}, {name!r}): a clusterer is a clustering with a composer")
+    if name == "none":
+        raise ValueError(f"declare({axis!r}, 'none'): 'none' is built in (no pruning / no clustering)")
+    spec = MethodSpec(axis, name, kind, description, score_fn, composer, cluster_fn, input_layers, check)
+    known = SPECS.get((axis, name))
+    if known is not None and known != spec:
+        raise ValueError(f"{axis} {name!r} declared twice with different surfaces: {known} and {spec}")
+    SPECS[(axis, name)] = spec
+    return spec
+
+
+def spec(axis: str, name: str) -> MethodSpec:
+    """The declared surface of ``name`` on ``axis`` (KeyError names what is declared)."""
+    try:
+        return SPECS[(axis, name)]
+    except KeyError:
+        known = ", ".join(sorted(n for a, n in SPECS if a == axis))
+        raise KeyError(f"no {axis} method {name!r} is declared; declared: {known}") from None
+
+
+def names(axis: str, kind: str | None = None) -> tuple[str, ...]:
+    """Declared names on ``axis`` ("none" first, then in declaration order), optionally only of one
+    ``kind`` (then without "none")."""
+    found = [n for (a, n), s in SPECS.items() if a == axis and (kind is None or s.kind == kind)]
+    return tuple(found) if kind is not None else ("none", *found)
+
+
+def register(pruning: str, clustering: str, description: str | None = None) -> Callable[[Any], Any]:
     """Class decorator: make ``cls(config)`` the method for ``cfg.pruning == pruning`` and
-    ``cfg.clustering == clustering``."""
+    ``cfg.clustering == clustering`` (``description``: for a pair that is more than its two names)."""
 
     def deco(factory: Any) -> Any:
         key = (pruning, clustering)
-        if key in REGISTRY and REGISTRY[key] is not factory:
+        if key in REGISTERED and REGISTERED[key] is not factory:
             raise ValueError(f"method for pruning={pruning!r}, clustering={clustering!r} registered twice")
-        REGISTRY[key] = factory
+        REGISTERED[key] = factory
+        if description is not None:
+            PAIR_DESCRIPTIONS[key] = description
         return factory
 
     return deco
+
+
+def resolve(pruning: str, clustering: str) -> Callable[[Any], Method] | None:
+    """The factory for a (pruning, clustering) pair, or None: a registered pair, else (score pruner
+    or "none") + a clusterer -> the clusterer's composer. Reads the registry as it is now."""
+    factory = REGISTERED.get((pruning, clustering))
+    if factory is not None:
+        return factory
+    clusterer = SPECS.get((CLUSTERING, clustering))
+    if clusterer is None or clusterer.kind != "clusterer":
+        return None
+    if pruning != "none" and getattr(SPECS.get((PRUNING, pruning)), "kind", None) != "score pruner":
+        return None
+    return clusterer.composer
+
+
+def pairs() -> dict[tuple[str, str], Callable[[Any], Method]]:
+    """Every runnable (pruning, clustering) pair -> its factory: the registered ones and every
+    composed one, sorted."""
+    out = dict(REGISTERED)
+    for pruning in ("none", *names(PRUNING, "score pruner")):
+        for clustering in names(CLUSTERING, "clusterer"):
+            factory = resolve(pruning, clustering)
+            if factory is not None:
+                out.setdefault((pruning, clustering), factory)
+    return dict(sorted(out.items()))
+
+
+class _PairView(Mapping):
+    """Read-only view: (pruning, clustering) -> factory of every runnable pair (``pairs()``), always
+    reflecting the registry as it is now (a pruner declared later composes too)."""
+
+    def __getitem__(self, key: tuple[str, str]) -> Callable[[Any], Method]:
+        factory = resolve(*key) if isinstance(key, tuple) and len(key) == 2 else None
+        if factory is None:
+            raise KeyError(key)
+        return factory
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(pairs())
+
+    def __len__(self) -> int:
+        return len(pairs())
+
+
+REGISTRY: Mapping[tuple[str, str], Callable[[Any], Method]] = _PairView()
+"""Every runnable (pruning, clustering) pair -> method factory taking the PactConfig."""
 
 
 def build_method(config: Any) -> Method:
@@ -247,14 +401,13 @@ def build_method(config: Any) -> Method:
     Raises:
         ValueError: no method implements that combination (names the keys and the supported pairs).
     """
-    import pact.methods  # noqa: F401  (registers every method file)
+    import pact.methods  # noqa: F401  (imports every method module, which declares and registers)
 
-    key = (config.pruning, config.clustering)
-    factory = REGISTRY.get(key)
+    factory = resolve(config.pruning, config.clustering)
     if factory is None:
-        pairs = ", ".join(f"{p}+{c}" for p, c in sorted(REGISTRY))
+        supported = ", ".join(f"{p}+{c}" for p, c in pairs())
         raise ValueError(
             f"no reduction method for pruning={config.pruning!r} with clustering={config.clustering!r}; "
-            f"supported (pruning+clustering): {pairs}"
+            f"supported (pruning+clustering): {supported}"
         )
     return factory(config)

@@ -17,6 +17,10 @@ Budget (``target_tokens`` / ``target_ratio``): the count becomes the target for 
 agglomerative and DPC; DBSCAN bisects eps (``search_dbscan_eps``). With a pruning stage
 (``fastv``, ``norm``, ``random``, ``euti``, ``custom``) the pruning keeps ``int(N * keep_ratio)``
 tokens and the clustering of those meets the budget.
+
+Composition: each clustering here is declared a "clusterer" (``pact.methods.base.declare``) with its
+composer (``PruneThenCluster``, or ``PruneThenDbdpc`` for DBDPC); ``build_method`` pairs it with any
+declared score pruner at call time, so a pruner added in another file composes too.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ from typing import Any
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, spec
 from pact.methods.budget import (
     cluster_reduction,
+    dbdpc_cutoff_for,
     pruned_reduction,
     search_threshold,
     select_by_scores,
     target_count,
 )
-from pact.methods.controls import norm_token_scores, random_token_scores
 from pact.methods.fastv import fastv_input_layers, fastv_token_scores
 from pact.methods.pact import cluster_features
 from pact.ops import clustering as ops_clustering
+from pact.ops.dbdpc import dbdpc, retrieve
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import euti_scores
 
@@ -60,16 +65,6 @@ def euti_token_scores(signals: Signals) -> torch.Tensor:
         multiply_by_norm=bool(cfg.multiply_by_norm),
         norm_order=float(cfg.norm_order),
     )
-
-
-PRUNERS: dict[str, Callable[[Signals], torch.Tensor]] = {
-    "euti": euti_token_scores,
-    "fastv": fastv_token_scores,
-    "norm": norm_token_scores,
-    "random": random_token_scores,
-}
-"""Score-based pruning stages usable before a clustering: pruning name -> (signals -> (N,) scores).
-``pact.methods.custom_method`` adds "custom"."""
 
 
 def _count(cfg: Any, s: int, target: int | None) -> int:
@@ -141,32 +136,33 @@ def dbscan_clusters(x: torch.Tensor, cfg: Any, target: int | None) -> tuple[torc
     return _dbscan(x, cfg, eps)
 
 
-CLUSTERERS: dict[str, Clusterer] = {
-    "kmeans": kmeans_clusters,
-    "agglomerative": agglomerative_clusters,
-    "dpc": dpc_clusters,
-    "dbscan": dbscan_clusters,
-}
-"""clustering name -> Clusterer."""
-
-
 class PruneThenCluster(Method):
     """Optional score pruning (``cfg.pruning``), then a clustering (``cfg.clustering``) of the survivors.
 
-    Registered for every pruning in ``PRUNERS`` (and "none") x every clustering in ``CLUSTERERS``.
+    The composer of every "clusterer" with a ``cluster_fn``: ``build_method`` resolves any score
+    pruner (or "none") + such a clusterer to this class at call time.
     """
 
     name = "prune_then_cluster"
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.pruner = None if config.pruning == "none" else spec(PRUNING, config.pruning)
+        self.cluster_fn = spec(CLUSTERING, config.clustering).cluster_fn
+        if self.pruner is not None and self.pruner.check is not None:
+            self.pruner.check(config)
+
     def input_layers(self, num_layers: int) -> list[int]:
-        return fastv_input_layers(self.config) if self.config.pruning == "fastv" else []
+        if self.pruner is None or self.pruner.input_layers is None:
+            return []
+        return self.pruner.input_layers(self.config)
 
     def prune(self, signals: Signals) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(subset: ascending visual indices that survive the pruning, scores or None)."""
         n = signals.num_visual
         if self.config.pruning == "none":
             return torch.arange(n, device=signals.hidden.device), None
-        scores = PRUNERS[self.config.pruning](signals)
+        scores = self.pruner.score_fn(signals)
         return select_by_scores(scores, self.config, alone=False), scores
 
     def reduce(self, signals: Signals) -> Reduction:
@@ -180,7 +176,7 @@ class PruneThenCluster(Method):
         target = target_count(cfg, n)
         if target == 0:
             return pruned_reduction(subset[:0], n, scores=scores)
-        centers, labels = CLUSTERERS[cfg.clustering](x, cfg, target)
+        centers, labels = self.cluster_fn(x, cfg, target)
         return cluster_reduction(
             signals.hidden[vis],
             signals.sizes,
@@ -193,6 +189,67 @@ class PruneThenCluster(Method):
         )
 
 
-for _pruning in ("none", *PRUNERS):
-    for _clustering in CLUSTERERS:
-        register(_pruning, _clustering)(PruneThenCluster)
+class PruneThenDbdpc(PruneThenCluster):
+    """Any score pruner, then PACT's DBDPC clustering and retrieval of the pruned tokens.
+
+    PACT's pipeline (``pact.ops.pact.pact_reduce``) with the pruner's scores in place of EUTI's: the
+    pruning keeps its tokens (``select_by_scores``: ``keep_ratio`` or IQR), DBDPC clusters them with
+    ``cutoff`` (bisected to meet a budget, as PACT does), and with ``retrieval`` every pruned token
+    within ``retrieval_coef * cutoff`` of a center joins that center. euti+dbdpc and none+dbdpc are
+    PACT itself (``pact.methods.pact.Pact``, registered pairs); this composer runs the other score
+    pruners (e.g. fastv+dbdpc), and with EUTI scores it gives PACT's reduction.
+    """
+
+    name = "prune_then_dbdpc"
+
+    def reduce(self, signals: Signals) -> Reduction:
+        cfg = self.config
+        n = signals.num_visual
+        subset, scores = self.prune(signals)
+        target = target_count(cfg, n)
+        if subset.numel() == 0 or target == 0:
+            return pruned_reduction(subset[:0], n, scores=scores)
+        features = cluster_features(signals)[signals.visual_mask]
+        x = features[subset]
+        cutoff = float(cfg.cutoff)
+        if target is not None:
+            cutoff = dbdpc_cutoff_for(x, target, cfg.density_bandwidth, cfg.density_kernel)
+        centers, labels = dbdpc(x, cutoff, cfg.density_bandwidth, kernel=cfg.density_kernel)
+        extra = None
+        if cfg.retrieval and subset.numel() < n and centers.numel():
+            pruned = torch.ones(n, dtype=torch.bool, device=subset.device)
+            pruned[subset] = False
+            pruned_idx = pruned.nonzero().squeeze(1)
+            near = retrieve(features[pruned_idx], x[centers], float(cfg.retrieval_coef) * cutoff)
+            extra = torch.full((n,), -1, dtype=torch.long, device=subset.device)
+            extra[pruned_idx] = torch.where(near >= 0, centers[near.clamp(min=0)], near)
+        return cluster_reduction(
+            signals.hidden[signals.visual_mask],
+            signals.sizes,
+            n,
+            subset,
+            centers,
+            labels,
+            merge_mean=bool(cfg.merge_mean),
+            scores=scores,
+            extra_labels=extra,
+        )
+
+
+declare(PRUNING, "euti", "score pruner", "EUTI pruning (PACT's importance score)", score_fn=euti_token_scores)
+declare(
+    PRUNING,
+    "fastv",
+    "score pruner",
+    "FastV pruning (attention received; reference or original variant)",
+    score_fn=fastv_token_scores,
+    input_layers=fastv_input_layers,
+)
+for _name, _fn, _text in (
+    ("kmeans", kmeans_clusters, "k-means clustering (Euclidean on the keys)"),
+    ("dpc", dpc_clusters, "density-peaks clustering"),
+    ("agglomerative", agglomerative_clusters, "agglomerative clustering (single/average/complete)"),
+    ("dbscan", dbscan_clusters, "DBSCAN clustering (noise dropped or singletons)"),
+):
+    declare(CLUSTERING, _name, "clusterer", _text, composer=PruneThenCluster, cluster_fn=_fn)
+declare(CLUSTERING, "dbdpc", "clusterer", "DBDPC clustering (PACT)", composer=PruneThenDbdpc)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, register
 from pact.methods.budget import cluster_reduction, pruned_reduction, select_by_scores, target_count
 from pact.methods.layout import Group, sample_groups
 from pact.ops.pooling import grid_pool
@@ -36,6 +36,11 @@ def random_token_scores(signals: Signals) -> torch.Tensor:
 def norm_token_scores(signals: Signals) -> torch.Tensor:
     """float32 (N,) p-norms of the visual tokens' hidden states entering the layer."""
     return norm_scores(signals.hidden, signals.visual_mask, norm_order=float(signals.config.norm_order))
+
+
+declare(PRUNING, "norm", "score pruner", "hidden-state norm pruning", score_fn=norm_token_scores)
+declare(PRUNING, "random", "score pruner", "random pruning (seeded control)", score_fn=random_token_scores)
+declare(CLUSTERING, "pooling", "whole method", "spatial pooling of stride x stride windows (control)")
 
 
 @register("random", "none")

@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, register, spec
 from pact.methods.budget import cluster_reduction, pruned_reduction, select_by_scores, target_count
-from pact.methods.clustering import CLUSTERERS, PRUNERS, PruneThenCluster
-from pact.methods.fastv import fastv_input_layers
 from pact.methods.pact import cluster_features
 from pact.ops.reduction import Reduction
 
@@ -107,18 +105,25 @@ def _as_long(x: Any, device: torch.device, name: str) -> torch.Tensor:
 
 
 class CustomReduction(Method):
-    """Optional score pruning (any of ``PRUNERS`` or none), then the custom clustering hook."""
+    """Optional score pruning (any score pruner or none), then the custom clustering hook.
+
+    The composer of clustering="custom": ``build_method`` resolves any score pruner (or "none") +
+    "custom" to this class at call time, whichever file declared the pruner.
+    """
 
     name = "custom_reduction"
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.reduce_fn = resolve_hook(config.custom_reduction_fn, "pact.custom:custom_token_reduction")
-        if config.pruning == "custom":
-            self.score_fn = resolve_hook(config.custom_pruning_fn, "pact.custom:custom_pruning")
+        self.pruner = None if config.pruning == "none" else spec(PRUNING, config.pruning)
+        if self.pruner is not None and self.pruner.check is not None:
+            self.pruner.check(config)
 
     def input_layers(self, num_layers: int) -> list[int]:
-        return fastv_input_layers(self.config) if self.config.pruning == "fastv" else []
+        if self.pruner is None or self.pruner.input_layers is None:
+            return []
+        return self.pruner.input_layers(self.config)
 
     def reduce(self, signals: Signals) -> Reduction:
         cfg = self.config
@@ -128,7 +133,7 @@ class CustomReduction(Method):
         scores = None
         subset = torch.arange(n, device=dev)
         if cfg.pruning != "none":
-            scores = PRUNERS[cfg.pruning](signals)
+            scores = self.pruner.score_fn(signals)
             subset = select_by_scores(scores, cfg, alone=False)
         hidden_v = signals.hidden[vis]
         features_v = cluster_features(signals)[vis]
@@ -211,19 +216,26 @@ class CustomPruning(Method):
         )
 
 
-class CustomThenCluster(PruneThenCluster):
-    """Custom scores, then a clustering baseline."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        resolve_hook(config.custom_pruning_fn, "pact.custom:custom_pruning")  # fail early on a typo
+def _check_custom_pruning(config: Any) -> None:
+    """Fail at build time on an unimportable ``custom_pruning_fn`` (not at the first prefill)."""
+    resolve_hook(config.custom_pruning_fn, "pact.custom:custom_pruning")
 
 
-PRUNERS["custom"] = custom_token_scores
+declare(
+    PRUNING,
+    "custom",
+    "score pruner",
+    "custom pruning score (pact.custom / custom_pruning_fn)",
+    score_fn=custom_token_scores,
+    check=_check_custom_pruning,
+)
+declare(
+    CLUSTERING,
+    "custom",
+    "clusterer",
+    "custom clustering and merging (pact.custom / custom_reduction_fn)",
+    composer=CustomReduction,
+)
 register("custom", "none")(CustomPruning)
-for _clustering in CLUSTERERS:
-    register("custom", _clustering)(CustomThenCluster)
-for _pruning in ("none", *PRUNERS):
-    register(_pruning, "custom")(CustomReduction)
 
 __all__ = ["CustomPruning", "CustomReduction", "call_hook", "custom_token_scores", "resolve_hook"]

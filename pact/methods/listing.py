@@ -14,42 +14,20 @@ from pact.models import ADAPTERS
 FAMILIES: tuple[str, ...] = tuple(ADAPTERS)
 """Every supported model family (the keys of ``pact.models.ADAPTERS``)."""
 
-PRUNING_TEXT = {
-    "euti": "EUTI pruning (PACT's importance score)",
-    "fastv": "FastV pruning (attention received; reference or original variant)",
-    "norm": "hidden-state norm pruning",
-    "random": "random pruning (seeded control)",
-    "withdraw": "VTW: withdraw every visual token at one layer",
-    "vispruner": "VisPruner: [CLS]-attention important + similarity-diverse tokens (vision side)",
-    "hired": "HiRED: base/sub-image budget split + [CLS]-attention top-k (vision side)",
-    "custom": "custom pruning score (pact.custom / custom_pruning_fn)",
-}
-CLUSTERING_TEXT = {
-    "dbdpc": "DBDPC clustering (PACT)",
-    "tome": "ToMe: progressive bipartite merging from layer 0 with the reference r-schedule",
-    "kmeans": "k-means clustering (Euclidean on the keys)",
-    "dpc": "density-peaks clustering",
-    "agglomerative": "agglomerative clustering (single/average/complete)",
-    "dbscan": "DBSCAN clustering (noise dropped or singletons)",
-    "prumerge": "PruMerge(+): [CLS]-attention outliers absorb similar tokens (vision side)",
-    "pooling": "spatial pooling of stride x stride windows (control)",
-    "custom": "custom clustering and merging (pact.custom / custom_reduction_fn)",
-}
-SPECIAL = {
-    ("none", "none"): "no reduction (identity)",
-    ("euti", "dbdpc"): "PACT: EUTI pruning + DBDPC clustering + retrieval of pruned tokens",
-}
-
 
 def describe(pruning: str, clustering: str) -> str:
-    """One-line description of a (pruning, clustering) pair."""
-    if (pruning, clustering) in SPECIAL:
-        return SPECIAL[(pruning, clustering)]
+    """One-line description of a (pruning, clustering) pair, from the declared method surfaces."""
+    from pact.methods.base import CLUSTERING, PAIR_DESCRIPTIONS, PRUNING, SPECS
+
+    if (pruning, clustering) in PAIR_DESCRIPTIONS:
+        return PAIR_DESCRIPTIONS[(pruning, clustering)]
+    prune = SPECS[(PRUNING, pruning)].description if (PRUNING, pruning) in SPECS else pruning
+    cluster = SPECS[(CLUSTERING, clustering)].description if (CLUSTERING, clustering) in SPECS else clustering
     if clustering == "none":
-        return PRUNING_TEXT.get(pruning, pruning)
+        return prune
     if pruning == "none":
-        return CLUSTERING_TEXT.get(clustering, clustering)
-    return f"{PRUNING_TEXT.get(pruning, pruning)}, then {CLUSTERING_TEXT.get(clustering, clustering)}"
+        return cluster
+    return f"{prune}, then {cluster}"
 
 
 def families_of(factory: object) -> tuple[str, ...]:

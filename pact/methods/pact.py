@@ -24,7 +24,7 @@ from pact.ops.reduction import Reduction, identity_reduction
 from pact.ops.scoring import euti_scores, keep_topk
 
 
-@register("none", "none")
+@register("none", "none", "no reduction (identity)")
 class Identity(Method):
     """Keeps every visual token as it is (size 1)."""
 
@@ -46,7 +46,7 @@ def cluster_features(signals: Signals) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-@register("euti", "dbdpc")
+@register("euti", "dbdpc", "PACT: EUTI pruning + DBDPC clustering + retrieval of pruned tokens")
 @register("euti", "none")
 @register("none", "dbdpc")
 class Pact(Method):

@@ -19,11 +19,18 @@ is the layer-averaged cost of keeping that many tokens from L_eq, the comparison
 
 from __future__ import annotations
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, Method, Signals, declare, register
 from pact.methods.budget import target_count
 from pact.methods.pact import cluster_features
 from pact.ops.reduction import Reduction
 from pact.ops.tome import bipartite_merge, merge_reduction, tome_clamp, tome_schedule
+
+declare(
+    CLUSTERING,
+    "tome",
+    "whole method",
+    "ToMe: progressive bipartite merging from layer 0 with the reference r-schedule",
+)
 
 
 @register("none", "tome")

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, register
 from pact.methods.budget import pruned_reduction, target_count
 from pact.methods.layout import Group, sample_groups
 from pact.models import ADAPTERS
@@ -402,6 +402,14 @@ def _model_dtype(cfg: Any, x: torch.Tensor) -> torch.dtype:
     return x.dtype if getattr(cfg, "vispruner_dtype", "model") == "model" else torch.float32
 
 
+declare(
+    PRUNING,
+    "vispruner",
+    "whole method",
+    "VisPruner: [CLS]-attention important + similarity-diverse tokens (vision side)",
+)
+
+
 @register("vispruner", "none")
 class VisPruner(VisionMethod):
     """VisPruner (ICCV'25): important tokens by [CLS] attention + diverse tokens by similarity removal.
@@ -475,6 +483,14 @@ def _image_slices(groups: list[Group]) -> list[tuple[int, int, list[Group]]]:
         else:
             out.append((g.start, g.start + g.size, [g]))
     return out
+
+
+declare(
+    CLUSTERING,
+    "prumerge",
+    "whole method",
+    "PruMerge(+): [CLS]-attention outliers absorb similar tokens (vision side)",
+)
 
 
 @register("none", "prumerge")
@@ -601,6 +617,14 @@ def _concat(
         order=None if in_order else order,
         extra=torch.cat(extras) if extras else None,
     )
+
+
+declare(
+    PRUNING,
+    "hired",
+    "whole method",
+    "HiRED: base/sub-image budget split + [CLS]-attention top-k (vision side)",
+)
 
 
 @register("hired", "none")

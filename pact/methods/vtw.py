@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from pact.methods.base import Method, Signals, register
+from pact.methods.base import PRUNING, Method, Signals, declare, register
 from pact.methods.budget import pruned_reduction
 from pact.ops.reduction import Reduction, identity_reduction
 from pact.ops.tome import vtw_layer
+
+declare(PRUNING, "withdraw", "whole method", "VTW: withdraw every visual token at one layer")
 
 
 @register("withdraw", "none")
