@@ -84,8 +84,9 @@ def test_unsupported_model_class_is_rejected():
 
 def test_unsupported_method_combination_names_the_keys():
     model, _ = model_for("llava")
-    with pytest.raises(ValueError, match=r"pruning='norm'.*clustering='dbdpc'"):
-        pact.api.apply(model, pact.load_config(None, pruning="norm", clustering="dbdpc"))
+    # a whole (vision-side) method does not compose with a clustering
+    with pytest.raises(ValueError, match=r"pruning='vispruner'.*clustering='kmeans'"):
+        pact.api.apply(model, pact.load_config(None, pruning="vispruner", clustering="kmeans", layer=0))
     with pytest.raises(ValueError, match="layer=7"):
         pact.api.apply(model, pact.load_config(None, layer=7))
 
