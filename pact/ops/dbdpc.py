@@ -157,6 +157,21 @@ class _DistanceRows:
         rows[torch.arange(k, device=idx.device), idx] = 0.0
         return rows
 
+    def at_home(self, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Distance rows of points idx with distinct ``i mod T``, row i written to ``out[i mod T]``.
+
+        The first pass computes row i at position ``i mod T`` of its (T, N) tile; a GEMM's rounding
+        may depend on a row's position inside the tile (micro-kernel remainders; seen with 2-row
+        tiles), so a recomputed row goes to the same position: the same shape, the same position,
+        the same bits. Returns the positions ``idx mod T``; the other rows of ``out`` are scratch.
+        """
+        home = idx % self.rows_per_tile
+        self.tile[home] = self.xn.index_select(0, idx)  # other positions keep old rows: never read
+        torch.mm(self.tile, self.xt, out=out)
+        torch.sub(1.0, out, out=out).clamp_(min=0.0)  # elementwise: the same bits as the first pass
+        out[home, idx] = 0.0
+        return home
+
 
 def _distance_pass(
     xn: torch.Tensor, dn: float, kernel: str, cutoff: float, store: bool
@@ -226,28 +241,51 @@ class _RecomputedRows:
         self.distance_rows = distance_rows
         self.row_near = row_near
         capacity = -(-max(block_size, t) // t) * t  # whole tiles, at least one walk block
-        if capacity == scratch.shape[0]:
-            self.cache = scratch  # the first pass's tile buffer, free now
-        else:
-            self.cache = torch.empty(capacity, n, dtype=torch.float32, device=scratch.device)
+        self.scratch = scratch  # the first pass's (T, N) tile buffer, free now: one computation's output
+        self.cache = torch.empty(capacity, n, dtype=torch.float32, device=scratch.device)
         self.slot = torch.full((n,), -1, dtype=torch.long, device=row_near.device)
 
     def prepare(self, points: torch.Tensor, upcoming: torch.Tensor) -> None:
         if bool((self.slot[points] >= 0).all()):
             return
         t, capacity = self.distance_rows.rows_per_tile, self.cache.shape[0]
-        upcoming = upcoming[self.row_near[upcoming]][: capacity - points.numel()]
-        wanted = torch.cat([points, upcoming])
+        # Row i is recomputed at its home position i mod T (`_DistanceRows.at_home`), so one tile
+        # computation serves at most one row per home: the points take the first computations of
+        # their homes, upcoming rows (density order) the homes still free, up to the cache size.
+        count = torch.bincount(points % t, minlength=t)
+        calls = max(-(-capacity // t), int(count.max()))
+        upcoming = upcoming[self.row_near[upcoming]]
+        call_u = count[upcoming % t] + _rank_within(upcoming % t, t)
+        keep = call_u < calls
+        wanted = torch.cat([points, upcoming[keep]])[:capacity]
+        call = torch.cat([_rank_within(points % t, t), call_u[keep]])[:capacity]
         self.slot.fill_(-1)
-        self.slot[wanted] = torch.arange(wanted.numel(), device=wanted.device)
-        for s in range(0, wanted.numel(), t):
-            self.distance_rows(wanted[s : s + t], self.cache[s : s + t])
+        filled = 0
+        for c in range(calls):
+            members = wanted[call == c]
+            k = members.numel()
+            if k:
+                home = self.distance_rows.at_home(members, self.scratch)
+                torch.index_select(self.scratch, 0, home, out=self.cache[filled : filled + k])
+                self.slot[members] = torch.arange(filled, filled + k, device=members.device)
+                filled += k
 
     def columns(self, points: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return self.cache[self.slot[points][:, None], cols[None, :]]
 
     def rows(self, points: torch.Tensor) -> torch.Tensor:
         return self.cache.index_select(0, self.slot[points])
+
+
+def _rank_within(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """For each element, how many earlier elements share its group: (K,) long in [0, num_groups)."""
+    order = torch.sort(groups, stable=True).indices
+    start = torch.cumsum(torch.bincount(groups, minlength=num_groups), 0) - torch.bincount(
+        groups, minlength=num_groups
+    )
+    rank = torch.empty_like(groups)
+    rank[order] = torch.arange(groups.numel(), device=groups.device) - start[groups[order]]
+    return rank
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
