@@ -192,7 +192,8 @@ def bench_ops(
                 reference_s = _median_seconds(lambda x=x: reference_style_dbdpc(x, cutoff), 1)
             stored = n <= matrix_max_points
             tile = max(1, -(-n // -(-n // max(1, (1 << 23) // n))))  # rows per distance tile
-            distances = n * n if stored else max(tile, 128) * n  # the matrix, or the row cache
+            # the matrix, or the blocked form's tile buffer + its row cache (whole tiles)
+            distances = n * n if stored else (tile + -(-max(tile, 128) // tile) * tile) * n
             row = {
                 "n": n,
                 "dim": dim,
