@@ -33,8 +33,9 @@ Batching limits (what ``build_inputs`` cannot put in one batch) are listed in ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,19 +53,6 @@ of ``pact.models.ADAPTERS``, in its order."""
 VIDEO_FAMILIES: tuple[str, ...] = tuple(family for family, adapter in ADAPTERS.items() if adapter.has_video)
 """Families whose Hugging Face class and processor accept videos (``has_video`` of the adapter;
 LLaVA-NeXT and LLaVA-1.5 do not)."""
-
-_NO_LIMIT = "none"
-BATCH_LIMITS: dict[str, str] = {
-    "qwen2_vl": _NO_LIMIT,
-    "qwen2_5_vl": _NO_LIMIT,
-    "llava_onevision": "videos with different frame counts (the stock video processor stacks frames)",
-    "llava_next": _NO_LIMIT + " (no video support)",
-    "llava": _NO_LIMIT + " (no video support)",
-    "internvl": "videos with different frame counts (the stock video processor stacks frames)",
-}
-"""Per family, the sample mixes ``build_inputs`` cannot put in one batch (measured on transformers
-5.23). Everything else batches: text-only next to image samples, one image next to several images
-of different sizes, image next to video samples, image and video in one sample."""
 
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -110,38 +98,6 @@ _CORPUS: tuple[str, ...] = (
     "0 1 2 3 4 5 6 7 8 9 10 20 100 first second third left right top bottom middle",
 )
 
-# Placeholder text that one image / one video takes in a prompt, per family (the processor expands it).
-_IMAGE_PLACEHOLDER: dict[str, str] = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "llava_onevision": "<image>",
-    "llava_next": "<image>",
-    "llava": "<image>",
-    "internvl": "<IMG_CONTEXT>",
-}
-_VIDEO_PLACEHOLDER: dict[str, str] = {
-    "qwen2_vl": "<|vision_start|><|video_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|video_pad|><|vision_end|>",
-    "llava_onevision": "<video>",
-    "internvl": "<video>",
-}
-
-# Tokenizer attributes that the stock processors read (``tokenizer.image_token`` etc.).
-_TOKENIZER_EXTRA_SPECIALS: dict[str | None, dict[str, str]] = {
-    None: {"image_token": "<image>", "video_token": "<video>"},
-    "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    "qwen2_5_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
-    "llava_next": {"image_token": "<image>"},
-    "llava": {"image_token": "<image>"},
-    "internvl": {
-        "start_image_token": "<img>",
-        "end_image_token": "</img>",
-        "context_image_token": "<IMG_CONTEXT>",
-        "video_token": "<video>",
-    },
-}
-
 
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
@@ -155,8 +111,9 @@ def chat_template(family: str | None = None) -> str:
     and ``{"type": "video"}`` items; images and videos become the family's placeholder text, which
     the processor then expands to the right number of visual tokens.
     """
-    image = _IMAGE_PLACEHOLDER.get(family or "", "<image>")
-    video = _VIDEO_PLACEHOLDER.get(family or "", "<video>")
+    entry = TINY_FAMILIES.get(family or "")
+    image = entry.image_placeholder if entry else "<image>"
+    video = (entry.video_placeholder if entry else None) or "<video>"
     return (
         "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -187,14 +144,26 @@ def _trained_tokenizer_json() -> str:
         show_progress=False,
     )
     tok.train_from_iterator(list(_CORPUS) * 20, trainer)
+    trained = tok.get_vocab_size()
+    tok.add_special_tokens(list(FAMILY_SPECIAL_TOKENS))
+    assert tok.get_vocab_size() == trained + len(FAMILY_SPECIAL_TOKENS)
     return tok.to_str()
+
+
+@functools.cache
+def _trained_vocab_size() -> int:
+    """Size of the trained BPE vocabulary before ``FAMILY_SPECIAL_TOKENS`` are appended."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_tokenizer_json()).get_vocab_size() - len(FAMILY_SPECIAL_TOKENS)
 
 
 def tiny_tokenizer(family: str | None = None) -> Any:
     """A fast tokenizer trained locally: byte-level BPE, ~400 tokens, same ids for every family.
 
     The special tokens of all families (``SPECIAL_TOKENS``) have fixed ids 0..14; ``<pad>``,
-    ``<eos>`` and ``<bos>`` are the pad/eos/bos tokens; padding is on the left. ``family`` selects the
+    ``<eos>`` and ``<bos>`` are the pad/eos/bos tokens; padding is on the left. Tokens only some
+    families need (``FAMILY_SPECIAL_TOKENS``) follow the trained vocabulary. ``family`` selects the
     chat template and the attributes the family's processor reads (``image_token``, InternVL's
     ``context_image_token`` ...). Returns a new object each call (training is cached).
     """
@@ -204,6 +173,11 @@ def tiny_tokenizer(family: str | None = None) -> Any:
     if family is not None:
         _check_family(family)
     backend = Tokenizer.from_str(_trained_tokenizer_json())
+    attributes = (
+        TINY_FAMILIES[family].tokenizer_attributes
+        if family
+        else {"image_token": "<image>", "video_token": "<video>"}
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -212,17 +186,26 @@ def tiny_tokenizer(family: str | None = None) -> Any:
         unk_token="<unk>",
         padding_side="left",
         chat_template=chat_template(family),
-        extra_special_tokens=dict(_TOKENIZER_EXTRA_SPECIALS[family]),
+        extra_special_tokens=dict(attributes),
     )
 
 
 def token_id(token: str) -> int:
-    """Id of one of ``SPECIAL_TOKENS`` (identical for every family's tokenizer)."""
-    return SPECIAL_TOKENS.index(token)
+    """Id of a token of ``SPECIAL_TOKENS`` or ``FAMILY_SPECIAL_TOKENS`` (the same in every family's
+    tokenizer)."""
+    if token in SPECIAL_TOKENS:
+        return SPECIAL_TOKENS.index(token)
+    if token in FAMILY_SPECIAL_TOKENS:
+        return _trained_vocab_size() + FAMILY_SPECIAL_TOKENS.index(token)
+    raise ValueError(f"{token!r} is not a special token of the tiny tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model configurations
+# Tiny families: one entry per family
+#
+# Everything the tiny builders know about a family is its ``TinyFamily`` entry below (config,
+# processor, placeholders, tokenizer attributes, batching limits). Adding a family = its adapter in
+# ``pact/models`` + one entry here (DESIGN.md, "Adding a model family").
 
 _TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": TEXT_VOCAB_SIZE,
@@ -241,15 +224,37 @@ _TEXT_CONFIG: dict[str, Any] = {
     "eos_token_id": token_id("<eos>"),
     "pad_token_id": token_id("<pad>"),
 }
+"""The tiny text decoder every family shares (its ``model_type`` comes from the family's entry)."""
 
-# Vision side of each family. Sizes are chosen so one sample image gives ~16-80 visual tokens.
-_VISION_SIZE = 56  # crop/tile size (pixels) of the LLaVA-NeXT/-OneVision/InternVL towers
-_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
-_LLAVA_SIZE = 84  # LLaVA-1.5 has one fixed crop: 6 x 6 patches = 36 tokens
-_QWEN_MIN_PIXELS = 28 * 28 * 16  # >= 16 merged tokens per image
-_QWEN_MAX_PIXELS = 28 * 28 * 64  # <= 64 merged tokens per image
-_INTERNVL_MAX_TILES = 6
-_INTERNVL_TOKENS_PER_TILE = 4  # (56 / 14)^2 patches, pixel shuffle 0.5 -> 4 tokens
+_NO_LIMIT = "none"
+_STACKED_FRAMES = "videos with different frame counts (the stock video processor stacks frames)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyFamily:
+    """How to build a tiny model, processor and prompts of one family.
+
+    ``config(text, vision_overrides)`` returns the model's ``PretrainedConfig`` given the text
+    sub-config dict (``_TEXT_CONFIG`` with the caller's overrides) and the caller's vision overrides;
+    ``processor(tokenizer, chat_template)`` the stock processor built from local parts.
+    ``image_placeholder`` / ``video_placeholder``: the prompt text of one image / video (the processor
+    expands it); ``placeholder_tokens``: the tokens whose positions receive vision features;
+    ``tokenizer_attributes``: attributes the stock processor reads from the tokenizer
+    (``image_token`` ...); ``special_tokens``: tokens the family needs beyond ``SPECIAL_TOKENS``
+    (added after the tokenizer is trained, so existing ids and merges never change);
+    ``newline_placeholders``: the placeholder runs also hold the learned ``image_newline`` rows;
+    ``batch_limit``: what ``build_inputs`` cannot put in one batch.
+    """
+
+    config: Callable[[dict[str, Any], Mapping[str, Any] | None], Any]
+    processor: Callable[[Any, str], Any]
+    image_placeholder: str
+    placeholder_tokens: tuple[str, ...]
+    tokenizer_attributes: Mapping[str, str]
+    video_placeholder: str | None = None
+    special_tokens: tuple[str, ...] = ()
+    newline_placeholders: bool = False
+    batch_limit: str = _NO_LIMIT
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -258,97 +263,215 @@ def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dic
     return out
 
 
-def tiny_config(
-    family: str,
-    *,
-    num_hidden_layers: int = 4,
-    text_overrides: Mapping[str, Any] | None = None,
-    vision_overrides: Mapping[str, Any] | None = None,
-) -> Any:
-    """The ``PretrainedConfig`` of a tiny ``family`` model (see ``tiny_model`` for the shapes).
+# Qwen2-VL / Qwen2.5-VL: M-RoPE text decoder, 14-px patches merged 2 x 2, 16..64 tokens per image.
+_QWEN_MIN_PIXELS = 28 * 28 * 16
+_QWEN_MAX_PIXELS = 28 * 28 * 64
+_QWEN_IDS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
-    ``text_overrides`` / ``vision_overrides`` update the text / vision sub-config dicts (e.g.
-    ``{"hidden_size": 128}``); for the Qwen families the M-RoPE sections follow the final head size.
+
+def _mrope_text(text: dict[str, Any]) -> dict[str, Any]:
+    """``text`` with M-RoPE sections that follow its head size (unless given).
+
+    M-RoPE splits the rotary half-dimension into (temporal, height, width) sections; real
+    checkpoints use 1/4, 3/8, 3/8 of it ([16, 24, 24] for head_dim 128). The sum must be
+    head_dim / 2, else the rotary embedding silently has the wrong size.
     """
+    if "rope_parameters" in text:
+        return text
+    half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+    height = (half - half // 4 + 1) // 2
+    section = [half // 4, height, half - half // 4 - height]
+    return {
+        **text,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+    }
+
+
+def _qwen_ids() -> dict[str, int]:
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return {name: token_id(token) for name, token in zip(names, _QWEN_IDS, strict=True)}
+
+
+def _qwen2_vl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
     import transformers as T
 
-    _check_family(family)
-    text = _merged({**_TEXT_CONFIG, "num_hidden_layers": num_hidden_layers}, text_overrides)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        if "rope_parameters" not in (text_overrides or {}):
-            # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections; real
-            # checkpoints use 1/4, 3/8, 3/8 of it ([16, 24, 24] for head_dim 128). The sum must be
-            # head_dim / 2, else the rotary embedding silently has the wrong size.
-            half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
-            height = (half - half // 4 + 1) // 2
-            section = [half // 4, height, half - half // 4 - height]
-            text["rope_parameters"] = {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": section,
-            }
-        ids = {
-            "image_token_id": token_id("<|image_pad|>"),
-            "video_token_id": token_id("<|video_pad|>"),
-            "vision_start_token_id": token_id("<|vision_start|>"),
-            "vision_end_token_id": token_id("<|vision_end|>"),
-        }
-        if family == "qwen2_vl":
-            vision = {"depth": 2, "embed_dim": 32, "hidden_size": text["hidden_size"], "num_heads": 2}
-            return T.Qwen2VLConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **ids)
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": text["hidden_size"],
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        }
-        return T.Qwen2_5_VLConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **ids)
-    if family == "llava_onevision":
-        vision = {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": _VISION_SIZE,
-            "patch_size": 14,
-        }
-        return T.LlavaOnevisionConfig(
-            text_config={"model_type": "qwen2", **text},
-            vision_config=_merged(vision, vision_overrides),
-            image_token_index=token_id("<image>"),
-            video_token_index=token_id("<video>"),
-            image_grid_pinpoints=_PINPOINTS,
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
+    text = _mrope_text(text)
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": text["hidden_size"], "num_heads": 2}
+    return T.Qwen2VLConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **_qwen_ids())
+
+
+def _qwen2_5_vl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    text = _mrope_text(text)
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
+    return T.Qwen2_5_VLConfig(
+        text_config=text, vision_config=_merged(vision, vision_overrides), **_qwen_ids()
+    )
+
+
+def _qwen_processor(cls_name: str) -> Callable[[Any, str], Any]:
+    def build(tokenizer: Any, template: str) -> Any:
+        import transformers as T
+
+        image = T.Qwen2VLImageProcessor(
+            size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
         )
-    if family in ("llava_next", "llava"):
-        size = _VISION_SIZE if family == "llava_next" else _LLAVA_SIZE
-        vision = {
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": size,
-            "patch_size": 14,
-            "projection_dim": 32,
-        }
-        common = {
-            "text_config": {"model_type": "llama", **text},
-            "vision_config": _merged(vision, vision_overrides),
-            "image_token_index": token_id("<image>"),
-            "vision_feature_select_strategy": "default",
-            "vision_feature_layer": -2,
-            "image_seq_length": (size // 14) ** 2,
-        }
-        if family == "llava_next":
-            return T.LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **common)
-        return T.LlavaConfig(**common)
-    vision = {  # internvl
+        # cap_pixels_per_frame=True: the qwen-vl-utils (reference) behaviour; also silences a warning.
+        video = T.Qwen2VLVideoProcessor(
+            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}, cap_pixels_per_frame=True
+        )
+        cls = getattr(T, cls_name)
+        return cls(image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=template)
+
+    return build
+
+
+_QWEN_ENTRY = {
+    "image_placeholder": "<|vision_start|><|image_pad|><|vision_end|>",
+    "video_placeholder": "<|vision_start|><|video_pad|><|vision_end|>",
+    "placeholder_tokens": ("<|image_pad|>", "<|video_pad|>"),
+    "tokenizer_attributes": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+}
+
+# LLaVA-OneVision / LLaVA-NeXT / InternVL: 56-px crops or tiles (16 patches of 14 px).
+_VISION_SIZE = 56
+_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+
+
+def _llava_onevision_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": _VISION_SIZE,
+        "patch_size": 14,
+    }
+    return T.LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **text},
+        vision_config=_merged(vision, vision_overrides),
+        image_token_index=token_id("<image>"),
+        video_token_index=token_id("<video>"),
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+
+
+def _llava_onevision_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    return T.LlavaOnevisionProcessor(
+        image_processor=T.LlavaOnevisionImageProcessor(
+            size={"height": _VISION_SIZE, "width": _VISION_SIZE}, image_grid_pinpoints=_PINPOINTS
+        ),
+        tokenizer=tokenizer,
+        video_processor=T.LlavaOnevisionVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE}),
+        num_image_tokens=(_VISION_SIZE // 14) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=template,
+    )
+
+
+# LLaVA-1.5 has one fixed crop: 6 x 6 patches = 36 tokens.
+_LLAVA_SIZE = 84
+
+
+def _clip_llava_config(size: int) -> dict[str, Any]:
+    """The config keyword arguments LLaVA-NeXT and LLaVA-1.5 share (CLIP tower minus [CLS])."""
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": size,
+        "patch_size": 14,
+        "projection_dim": 32,
+    }
+    return {
+        "vision_config": vision,
+        "image_token_index": token_id("<image>"),
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "image_seq_length": (size // 14) ** 2,
+    }
+
+
+def _llava_next_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    common = _clip_llava_config(_VISION_SIZE)
+    common["vision_config"] = _merged(common["vision_config"], vision_overrides)
+    return T.LlavaNextConfig(
+        text_config={"model_type": "llama", **text}, image_grid_pinpoints=_PINPOINTS, **common
+    )
+
+
+def _llava_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    common = _clip_llava_config(_LLAVA_SIZE)
+    common["vision_config"] = _merged(common["vision_config"], vision_overrides)
+    return T.LlavaConfig(text_config={"model_type": "llama", **text}, **common)
+
+
+def _clip_llava_processor(cls_name: str, image_processor: Callable[[], Any]) -> Callable[[Any, str], Any]:
+    def build(tokenizer: Any, template: str) -> Any:
+        import transformers as T
+
+        # CLIP prepends a [CLS] token (num_additional_image_tokens=1) that "default" drops again.
+        return getattr(T, cls_name)(
+            image_processor=image_processor(),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+
+    return build
+
+
+def _llava_next_image_processor() -> Any:
+    import transformers as T
+
+    return T.LlavaNextImageProcessor(
+        size={"shortest_edge": _VISION_SIZE},
+        crop_size={"height": _VISION_SIZE, "width": _VISION_SIZE},
+        image_grid_pinpoints=_PINPOINTS,
+    )
+
+
+def _llava_image_processor() -> Any:
+    import transformers as T
+
+    return T.CLIPImageProcessor(
+        size={"shortest_edge": _LLAVA_SIZE}, crop_size={"height": _LLAVA_SIZE, "width": _LLAVA_SIZE}
+    )
+
+
+# InternVL: up to 6 tiles of 56 px (+ thumbnail), pixel shuffle 0.5 -> 4 tokens per tile.
+_INTERNVL_MAX_TILES = 6
+_INTERNVL_TOKENS_PER_TILE = 4
+
+
+def _internvl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
@@ -363,6 +486,107 @@ def tiny_config(
         image_seq_length=_INTERNVL_TOKENS_PER_TILE,
         downsample_ratio=0.5,
     )
+
+
+def _internvl_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    return T.InternVLProcessor(
+        image_processor=T.GotOcr2ImageProcessor(
+            size={"height": _VISION_SIZE, "width": _VISION_SIZE},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=_INTERNVL_MAX_TILES,
+        ),
+        tokenizer=tokenizer,
+        video_processor=T.InternVLVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE}),
+        image_seq_length=_INTERNVL_TOKENS_PER_TILE,
+        chat_template=template,
+    )
+
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen2_vl": TinyFamily(
+        config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
+    ),
+    "qwen2_5_vl": TinyFamily(
+        config=_qwen2_5_vl_config, processor=_qwen_processor("Qwen2_5_VLProcessor"), **_QWEN_ENTRY
+    ),
+    "llava_onevision": TinyFamily(
+        config=_llava_onevision_config,
+        processor=_llava_onevision_processor,
+        image_placeholder="<image>",
+        video_placeholder="<video>",
+        placeholder_tokens=("<image>", "<video>"),
+        tokenizer_attributes={"image_token": "<image>", "video_token": "<video>"},
+        newline_placeholders=True,
+        batch_limit=_STACKED_FRAMES,
+    ),
+    "llava_next": TinyFamily(
+        config=_llava_next_config,
+        processor=_clip_llava_processor("LlavaNextProcessor", _llava_next_image_processor),
+        image_placeholder="<image>",
+        placeholder_tokens=("<image>",),
+        tokenizer_attributes={"image_token": "<image>"},
+        newline_placeholders=True,
+        batch_limit=_NO_LIMIT + " (no video support)",
+    ),
+    "llava": TinyFamily(
+        config=_llava_config,
+        processor=_clip_llava_processor("LlavaProcessor", _llava_image_processor),
+        image_placeholder="<image>",
+        placeholder_tokens=("<image>",),
+        tokenizer_attributes={"image_token": "<image>"},
+        batch_limit=_NO_LIMIT + " (no video support)",
+    ),
+    "internvl": TinyFamily(
+        config=_internvl_config,
+        processor=_internvl_processor,
+        image_placeholder="<IMG_CONTEXT>",
+        video_placeholder="<video>",
+        placeholder_tokens=("<IMG_CONTEXT>",),  # InternVL videos are frames of <IMG_CONTEXT> tokens too
+        tokenizer_attributes={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        batch_limit=_STACKED_FRAMES,
+    ),
+}
+"""family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
+
+_missing = [family for family in FAMILIES if family not in TINY_FAMILIES]
+if _missing:
+    raise ImportError(f"pact.testing: no TinyFamily entry for the adapter families {', '.join(_missing)}")
+
+BATCH_LIMITS: dict[str, str] = {family: TINY_FAMILIES[family].batch_limit for family in FAMILIES}
+"""Per family, the sample mixes ``build_inputs`` cannot put in one batch (measured on transformers
+5.23). Everything else batches: text-only next to image samples, one image next to several images
+of different sizes, image next to video samples, image and video in one sample."""
+
+FAMILY_SPECIAL_TOKENS: tuple[str, ...] = tuple(
+    dict.fromkeys(token for family in FAMILIES for token in TINY_FAMILIES[family].special_tokens)
+)
+"""Tokens some family needs beyond ``SPECIAL_TOKENS``, in family order; every tiny tokenizer has them
+all, added after training (ids right after the trained vocabulary, the same for every family)."""
+
+
+def tiny_config(
+    family: str,
+    *,
+    num_hidden_layers: int = 4,
+    text_overrides: Mapping[str, Any] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """The ``PretrainedConfig`` of a tiny ``family`` model (see ``tiny_model`` for the shapes).
+
+    ``text_overrides`` / ``vision_overrides`` update the text / vision sub-config dicts (e.g.
+    ``{"hidden_size": 128}``); for the Qwen families the M-RoPE sections follow the final head size.
+    """
+    _check_family(family)
+    text = _merged({**_TEXT_CONFIG, "num_hidden_layers": num_hidden_layers}, text_overrides)
+    return TINY_FAMILIES[family].config(text, vision_overrides)
 
 
 _MODEL_CLASSES: dict[str, str] = {family: adapter.class_names[0] for family, adapter in ADAPTERS.items()}
@@ -422,93 +646,9 @@ def tiny_model(
 # Processors
 
 
-def _image_processor(family: str) -> Any:
-    import transformers as T
-
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return T.Qwen2VLImageProcessor(
-            size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
-        )
-    if family == "llava_onevision":
-        return T.LlavaOnevisionImageProcessor(
-            size={"height": _VISION_SIZE, "width": _VISION_SIZE}, image_grid_pinpoints=_PINPOINTS
-        )
-    if family == "llava_next":
-        return T.LlavaNextImageProcessor(
-            size={"shortest_edge": _VISION_SIZE},
-            crop_size={"height": _VISION_SIZE, "width": _VISION_SIZE},
-            image_grid_pinpoints=_PINPOINTS,
-        )
-    if family == "llava":
-        return T.CLIPImageProcessor(
-            size={"shortest_edge": _LLAVA_SIZE}, crop_size={"height": _LLAVA_SIZE, "width": _LLAVA_SIZE}
-        )
-    return T.GotOcr2ImageProcessor(
-        size={"height": _VISION_SIZE, "width": _VISION_SIZE},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=_INTERNVL_MAX_TILES,
-    )
-
-
-def _video_processor(family: str) -> Any:
-    import transformers as T
-
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        # cap_pixels_per_frame=True: the qwen-vl-utils (reference) behaviour; also silences a warning.
-        return T.Qwen2VLVideoProcessor(
-            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}, cap_pixels_per_frame=True
-        )
-    if family == "llava_onevision":
-        return T.LlavaOnevisionVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE})
-    if family == "internvl":
-        return T.InternVLVideoProcessor(size={"height": _VISION_SIZE, "width": _VISION_SIZE})
-    return None
-
-
 @functools.cache
 def _cached_processor(family: str) -> Any:
-    import transformers as T
-
-    tok = tiny_tokenizer(family)
-    image = _image_processor(family)
-    video = _video_processor(family)
-    template = chat_template(family)
-    if family == "qwen2_vl":
-        return T.Qwen2VLProcessor(
-            image_processor=image, tokenizer=tok, video_processor=video, chat_template=template
-        )
-    if family == "qwen2_5_vl":
-        return T.Qwen2_5_VLProcessor(
-            image_processor=image, tokenizer=tok, video_processor=video, chat_template=template
-        )
-    if family == "llava_onevision":
-        return T.LlavaOnevisionProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            video_processor=video,
-            num_image_tokens=(_VISION_SIZE // 14) ** 2,
-            vision_feature_select_strategy="full",
-            chat_template=template,
-        )
-    if family in ("llava_next", "llava"):
-        cls = T.LlavaNextProcessor if family == "llava_next" else T.LlavaProcessor
-        # CLIP prepends a [CLS] token (num_additional_image_tokens=1) that "default" drops again.
-        return cls(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=template,
-        )
-    return T.InternVLProcessor(
-        image_processor=image,
-        tokenizer=tok,
-        video_processor=video,
-        image_seq_length=_INTERNVL_TOKENS_PER_TILE,
-        chat_template=template,
-    )
+    return TINY_FAMILIES[family].processor(tiny_tokenizer(family), chat_template(family))
 
 
 def tiny_processor(family: str) -> Any:
@@ -688,13 +828,7 @@ def build_inputs(
 def placeholder_token_ids(family: str) -> set[int]:
     """Token ids whose positions receive vision features in ``family`` (image and video placeholders)."""
     _check_family(family)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return {token_id("<|image_pad|>"), token_id("<|video_pad|>")}
-    if family == "llava_onevision":
-        return {token_id("<image>"), token_id("<video>")}
-    if family in ("llava_next", "llava"):
-        return {token_id("<image>")}
-    return {token_id("<IMG_CONTEXT>")}  # InternVL videos are frames of <IMG_CONTEXT> tokens too
+    return {token_id(token) for token in TINY_FAMILIES[family].placeholder_tokens}
 
 
 def placeholder_mask(family: str, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -738,7 +872,7 @@ def patch_token_mask(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     """
     family = family_of(model)
     mask = placeholder_mask(family, inputs)
-    if family not in ("llava_onevision", "llava_next"):
+    if not TINY_FAMILIES[family].newline_placeholders:
         return mask
     core = model.model
     ids = inputs["input_ids"]

@@ -76,15 +76,18 @@ def _greedy(model: Any, inputs: Any, n: int = 3) -> torch.Tensor:
 
 
 def test_family_lists() -> None:
-    assert T.FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
-    assert set(T.BATCH_LIMITS) == set(T.FAMILIES)
+    from pact.models import ADAPTERS
+
+    assert tuple(ADAPTERS) == T.FAMILIES
+    assert T.FAMILIES[:6] == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl")
+    assert set(T.BATCH_LIMITS) == set(T.FAMILIES) <= set(T.TINY_FAMILIES)
     for family in T.FAMILIES:
         processor = T.tiny_processor(family)
         has_video = getattr(processor, "video_processor", None) is not None
         assert has_video == (family in T.VIDEO_FAMILIES), family
-        # The model class takes pixel_values_videos, except InternVL which feeds frames as images.
+        # A class that takes pixel_values_videos is a video family (InternVL feeds frames as images).
         params = inspect.signature(T.model_class(family).forward).parameters
-        assert ("pixel_values_videos" in params) == (family in T.VIDEO_FAMILIES and family != "internvl")
+        assert "pixel_values_videos" not in params or family in T.VIDEO_FAMILIES, family
     with pytest.raises(ValueError, match="unknown family"):
         T.tiny_model("llama")
 
@@ -112,6 +115,19 @@ def test_tokenizer_is_deterministic_and_has_fixed_special_ids() -> None:
     )
 
 
+def test_family_special_tokens_are_single_tokens_with_fixed_ids() -> None:
+    """Tokens only some families need follow the trained vocabulary, with the same id in every
+    family's tokenizer, and never change the base special ids."""
+    for family in T.FAMILIES:
+        tok = T.tiny_tokenizer(family)
+        for token in T.SPECIAL_TOKENS + T.FAMILY_SPECIAL_TOKENS:
+            assert tok.convert_tokens_to_ids(token) == T.token_id(token), (family, token)
+            assert tok(token, add_special_tokens=False)["input_ids"] == [T.token_id(token)], (family, token)
+        assert len(tok) <= T.TEXT_VOCAB_SIZE
+    with pytest.raises(ValueError, match="not a special token"):
+        T.token_id("<not-a-token>")
+
+
 @pytest.mark.parametrize("family", T.FAMILIES)
 def test_chat_template_places_the_family_placeholders(family: str) -> None:
     processor = T.tiny_processor(family)
@@ -122,9 +138,9 @@ def test_chat_template_places_the_family_placeholders(family: str) -> None:
         T.prompt_messages(sample), tokenize=False, add_generation_prompt=True
     )
     assert text.startswith("<|im_start|>user\n") and text.endswith("What?<|im_end|>\n<|im_start|>assistant\n")
-    assert text.count(T._IMAGE_PLACEHOLDER[family]) == 2
+    assert text.count(T.TINY_FAMILIES[family].image_placeholder) == 2
     if family in T.VIDEO_FAMILIES:
-        assert text.count(T._VIDEO_PLACEHOLDER[family]) == 1
+        assert text.count(T.TINY_FAMILIES[family].video_placeholder) == 1
     no_prompt = processor.apply_chat_template(T.prompt_messages(sample), tokenize=False)
     assert not no_prompt.endswith("assistant\n")
 

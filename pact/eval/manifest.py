@@ -6,9 +6,11 @@ no lmms-eval model code): the classes live in ``pact.eval.models`` and are impor
 model is actually requested. It imports ``pact.models`` (and so torch, which the lmms-eval command
 line imports anyway) to read the family table.
 
-Each manifest is a module attribute named ``<FAMILY>_MANIFEST`` (``QWEN2_VL_MANIFEST`` ...), the
-payload of the entry point ``pact_<family>``; pyproject.toml lists them statically (a test checks
-that its table equals ``ENTRY_POINTS``).
+pyproject.toml declares one entry point, ``pact = "pact.eval.manifest:MANIFESTS"``, whose payload is
+the tuple of every family's manifest (lmms-eval accepts an iterable of manifests), so a new adapter
+needs no pyproject edit and no reinstall of the metadata. Each manifest is also a module attribute
+named ``<FAMILY>_MANIFEST`` (``QWEN2_VL_MANIFEST`` ...): the per-family entry points of earlier
+versions, which an environment installed before this change may still declare, keep resolving.
 """
 
 from __future__ import annotations
@@ -35,8 +37,5 @@ MANIFESTS: tuple[ModelManifest, ...] = tuple(_manifest(adapter) for adapter in A
 
 globals().update({manifest_attribute(f): m for f, m in zip(ADAPTERS, MANIFESTS, strict=True)})
 
-ENTRY_POINTS: dict[str, str] = {
-    m.model_id: f"pact.eval.manifest:{manifest_attribute(family)}"
-    for family, m in zip(ADAPTERS, MANIFESTS, strict=True)
-}
+ENTRY_POINTS: dict[str, str] = {"pact": "pact.eval.manifest:MANIFESTS"}
 """The ``[project.entry-points."lmms_eval.models"]`` table of pyproject.toml (checked by a test)."""
