@@ -2,7 +2,8 @@
 
 One generic wrapper (``PactHFModel``) and a thin subclass per family, registered as
 ``pact_qwen2_vl``, ``pact_qwen2_5_vl``, ``pact_llava_onevision``, ``pact_llava_next``, ``pact_llava``
-and ``pact_internvl`` (entry points in pyproject.toml, manifests in ``pact.eval.manifest``):
+and ``pact_internvl`` (one per adapter; manifests in ``pact.eval.manifest``, one entry point in
+pyproject.toml):
 
     python -m lmms_eval --model pact_qwen2_vl \\
         --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,pact_config=pact,keep_ratio=0.8,cutoff=0.1 \\
@@ -18,10 +19,10 @@ for sampling, and cuts the text at the task's ``until`` strings. ``loglikelihood
 context + continuation in one forward: the engine keeps the output length equal to the input length,
 so the continuation's log-probabilities come straight from the full-length logits.
 
-After every model call the wrapper reads ``pact.stats`` (visual tokens before/after per sample) and
-its own timers; at the end of the run (lmms-eval calls ``clean()``) the records of all processes are
-gathered, summarised (``pact.eval.metrics``), printed as a table, added to lmms-eval's
-``results["throughput"]`` and written as JSON:
+After every model call the wrapper's ``RunMetrics`` (``pact.eval.recording``) reads ``pact.stats``
+(visual tokens before/after per sample) and its own timers; at the end of the run (lmms-eval calls
+``clean()``) the records of all processes are gathered, summarised (``pact.eval.metrics``), printed
+as a table, added to lmms-eval's ``results["throughput"]`` and written as JSON:
 
     <output_path>/<model name as lmms-eval sanitises it>/<date id>_pact_metrics.json
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +47,7 @@ from loguru import logger
 from PIL import Image
 
 from pact.eval import metrics as M
+from pact.eval.recording import RunMetrics
 from pact.models import ADAPTERS
 
 FAMILIES: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
@@ -77,19 +78,7 @@ LOADING_OPTIONS: dict[str, str] = {
 }
 """Every ``--model_args`` key that is not a configuration key."""
 
-_IGNORED_ARGS = ("max_batch_size",)
-# Summary keys also copied to lmms-eval's results["throughput"] (as "avg_pact_<key>").
-_THROUGHPUT_KEYS = (
-    "reduction_ratio",
-    "layer_mean_reduction_ratio",
-    "visual_tokens_before_mean",
-    "visual_tokens_after_mean",
-    "seconds_reducing_mean",
-    "prefill_seconds_mean",
-    "decode_tokens_per_second",
-    "end_to_end_seconds_mean",
-    "peak_memory_gb_max",
-)  # passed by lmms-eval, meaningless here
+_IGNORED_ARGS = ("max_batch_size",)  # passed by lmms-eval, meaningless here
 _VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 
 
@@ -305,21 +294,6 @@ def _first_stop(ids: torch.Tensor, stop_ids: set[int]) -> int:
     return int(ids.numel())
 
 
-def _find_evaluation_context() -> tuple[Any, str | None]:
-    """lmms-eval's EvaluationTracker and run date of the ``simple_evaluate`` call running us.
-
-    Both are arguments of lmms-eval's public ``simple_evaluate``; reading them from its frame is
-    what lets the metrics file carry the same date id as lmms-eval's results file. (None, None)
-    when we are not inside ``simple_evaluate``.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "simple_evaluate" and "evaluation_tracker" in frame.f_locals:
-            return frame.f_locals.get("evaluation_tracker"), frame.f_locals.get("datetime_str")
-        frame = frame.f_back
-    return None, None
-
-
 # ---------------------------------------------------------------------------------------------------
 # The model
 
@@ -413,19 +387,7 @@ class PactHFModel(lmms):
         from pact.models import get_adapter
 
         self._adapter = get_adapter(self._model)
-        self.n_layers = len(self._adapter.layers)
-        self.reference_layer = M.reference_layer(self.config.to_dict())
-        vision = None
-        if timing:
-            try:
-                vision = self._adapter.vision_tower()
-            except AttributeError:
-                vision = None
-        self._timer = M.CallTimer(self._model, vision, self.device) if timing else None
-        self._memory = M.MemoryMeter(self.device)
-        self.recorder = M.RunRecorder()
-        self.pact_metrics: dict[str, Any] | None = None
-        self._finalized = False
+        self.metrics = RunMetrics(self._model, self._adapter, self.config, self.device, timing=timing)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PactHFModel:
@@ -594,84 +556,6 @@ class PactHFModel(lmms):
 
     # --- measuring ------------------------------------------------------------------------------------
 
-    def _visual_counts(
-        self, inputs: Any, st: Any
-    ) -> tuple[list[int], list[int], list[list[tuple[int, int]]]]:
-        """Per sample: visual tokens before, after, and (layer, left) per reduction step, from the
-        ``pact.stats`` of the call (``st``)."""
-        B = int(inputs["input_ids"].shape[0])
-        if self.config.reduction and len(st.visual_before) == B:
-            steps: list[list[tuple[int, int]]] = [[] for _ in range(B)]
-            for step in st.records:
-                for b, rec in enumerate(step):
-                    if rec is not None:
-                        steps[b].append((int(rec.layer), int(rec.kept.numel())))
-            return list(st.visual_before), list(st.visual_after), steps
-        # No reduction (the engine then counts nothing): count the visual patch tokens the way the
-        # engine would, so reference runs report their visual tokens too.
-        mask = self._adapter.candidate_mask(inputs["input_ids"], inputs)
-        if inputs.get("attention_mask") is not None:
-            mask = mask & inputs["attention_mask"].bool()
-        counts = [int(c) for c in mask.sum(1).tolist()]
-        return counts, counts, [[] for _ in range(B)]
-
-    def _start_call(self) -> None:
-        self._memory.reset()
-        if self._timer is not None:
-            self._timer.start()
-
-    def _stop_call(self) -> dict[str, float]:
-        if self._timer is not None:
-            return self._timer.stop()
-        return {"call_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "vision_s": None, "forwards": 0}
-
-    def _record(
-        self,
-        kind: str,
-        requests: Sequence[Instance],
-        inputs: Any,
-        preprocess_s: float,
-        call_s: float,
-        timing: dict[str, Any],
-        generated: int,
-        decode_tokens: int,
-    ) -> None:
-        import pact.api
-
-        st = pact.api.stats(self._model)
-        before, after, steps = self._visual_counts(inputs, st)
-        seconds_reducing = float(st.seconds_reducing)
-        timed = self._timer is not None
-        batch = M.BatchRecord(
-            kind=kind,
-            size=len(requests),
-            preprocess_s=preprocess_s,
-            prefill_s=timing["prefill_s"] if timed else call_s,
-            decode_s=timing["decode_s"] if timed else 0.0,
-            e2e_s=preprocess_s + (timing["call_s"] if timed else call_s),
-            vision_s=timing["vision_s"] if timed else None,
-            generated_tokens=generated,
-            decode_tokens=decode_tokens,
-            seconds_reducing=seconds_reducing,
-            peak_memory_gb=self._memory.peak_gb(),
-        )
-        samples = []
-        for b, req in enumerate(requests):
-            task = str(req.args[4]) if len(req.args) > 4 else str(getattr(req, "task_name", ""))
-            samples.append(
-                M.SampleRecord(
-                    task=task,
-                    doc_id=req.args[3] if len(req.args) > 3 else getattr(req, "doc_id", None),
-                    kind=kind,
-                    visual_before=before[b],
-                    visual_after=after[b],
-                    layer_mean_visual=M.layer_mean_visual(before[b], steps[b], self.n_layers),
-                    batch=0,
-                    padding=bool((req.metadata or {}).get("__padding_only__", False)),
-                )
-            )
-        self.recorder.add_batch(batch, samples)
-
     # --- generate_until ---------------------------------------------------------------------------------
 
     def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -752,20 +636,17 @@ class PactHFModel(lmms):
         prompts = [self._prompt(c, len(im), len(vi)) for c, (im, vi) in zip(contexts, visuals, strict=True)]
         inputs = self._encode(prompts, [v[0] for v in visuals], [v[1] for v in visuals]).to(self.input_device)
         preprocess_s = time.perf_counter() - t0
-        self._start_call()
-        t1 = time.perf_counter()
+        self.metrics.start_call()
         out = self._model.generate(**inputs, **kwargs)
-        call_s = time.perf_counter() - t1
-        timing = self._stop_call()
+        timing = self.metrics.stop_call()
         new = out[:, inputs["input_ids"].shape[1] :]
         stop_ids = self._stop_token_ids()
         lengths_new = [_first_stop(row, stop_ids) for row in new]
-        self._record(
+        self.metrics.record(
             kind,
             reqs,
             inputs,
             preprocess_s,
-            call_s,
             timing,
             sum(lengths_new),
             sum(max(n - 1, 0) for n in lengths_new),
@@ -887,12 +768,10 @@ class PactHFModel(lmms):
                 k: (v.to(self.input_device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
             }
             preprocess_s = time.perf_counter() - t0
-            self._start_call()
-            t1 = time.perf_counter()
+            self.metrics.start_call()
             logits = self._model(**inputs, use_cache=False).logits
-            call_s = time.perf_counter() - t1
-            timing = self._stop_call()
-            self._record("loglikelihood", reqs, inputs, preprocess_s, call_s, timing, 0, 0)
+            timing = self.metrics.stop_call()
+            self.metrics.record("loglikelihood", reqs, inputs, preprocess_s, timing, 0, 0)
             T = int(inputs["input_ids"].shape[1])
             for b, i in enumerate(chunk):
                 n = len(cont_ids[b])
@@ -906,89 +785,28 @@ class PactHFModel(lmms):
 
     # --- end of run ----------------------------------------------------------------------------------
 
-    def _gather(self) -> M.RunRecorder | None:
-        """All processes' records on rank 0 (None on the other ranks)."""
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * self._world_size
-            torch.distributed.all_gather_object(parts, self.recorder)
-            return M.RunRecorder.merge(parts) if self._rank == 0 else None
-        return self.recorder
+    @property
+    def recorder(self) -> M.RunRecorder:
+        """This process's records so far (``pact.eval.recording.RunMetrics.recorder``)."""
+        return self.metrics.recorder
+
+    @property
+    def pact_metrics(self) -> dict[str, Any] | None:
+        """The metrics document of the run, once ``finalize_metrics`` ran (rank 0)."""
+        return self.metrics.doc
 
     def finalize_metrics(self) -> dict[str, Any] | None:
         """Summarise the run, print the table, write the metrics JSON (rank 0). Idempotent."""
-        if self._finalized:
-            return self.pact_metrics
-        self._finalized = True
-        merged = self._gather()
-        if merged is None:
-            return None
-        summary = M.summarize(
-            merged.samples, merged.batches, n_layers=self.n_layers, reference_layer=self.reference_layer
-        )
-        tracker, datetime_str = _find_evaluation_context()
-        date_id = (datetime_str or time.strftime("%Y%m%d_%H%M%S")).replace(":", "-")
-        results_dir = None
-        if tracker is not None and getattr(tracker, "output_path", None):
-            sanitized = getattr(
-                getattr(tracker, "general_config_tracker", None), "model_name_sanitized", None
-            )
-            results_dir = Path(tracker.output_path) / (sanitized or "")
-        doc = {
-            "pact_metrics_version": M.METRICS_VERSION,
-            "date_id": date_id,
-            "results_file": f"{date_id}_results.json" if results_dir is not None else None,
+        run = {
             "model": f"pact_{self.family}",
             "family": self.family,
             "pretrained": self.pretrained,
             "label": self.label,
             "model_args": self.model_args,
-            "config": self.config.to_dict(),
-            "tasks": sorted({s.task for s in merged.samples}),
-            "world_size": self._world_size,
             "batch_size": self.batch_size,
             "device": str(self.device),
-            "dtype": str(next(self._model.parameters()).dtype).replace("torch.", ""),
-            "memory_kind": self._memory.kind,
-            "summary": summary,
-            "per_task": M.summarize_tasks(
-                merged.samples, n_layers=self.n_layers, reference_layer=self.reference_layer
-            ),
-            **M.records_to_json(merged.samples, merged.batches),
         }
-        self.pact_metrics = doc
-        paths = []
-        if results_dir is not None:
-            paths.append(results_dir / f"{date_id}_pact_metrics.json")
-        if self.config.log_output_path:
-            name = Path(self.pretrained.rstrip("/")).name or "model"
-            paths.append(Path(self.config.log_output_path) / f"{date_id}_{name}_pact_metrics.json")
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-        doc["written_to"] = [str(p) for p in paths]
-        tasks = ",".join(doc["tasks"])
-        title = f"pact metrics: pact_{self.family} {self.pretrained} [{self.label}] tasks={tasks}"
-        print("\n" + M.format_table(summary, title=title, memory_kind=self._memory.kind), flush=True)
-        if paths:
-            print(f"pact metrics written to {', '.join(str(p) for p in paths)}", flush=True)
-        else:
-            print("pact metrics not written: give lmms-eval --output_path or log_output_path=DIR", flush=True)
-        self._log_to_lmms_eval(summary)
-        return doc
-
-    def _log_to_lmms_eval(self, summary: dict[str, Any]) -> None:
-        """Put the key numbers in lmms-eval's own results JSON (``results["throughput"]``)."""
-        try:
-            from lmms_eval.models.model_utils.gen_metrics import log_metrics
-        except ImportError:  # pragma: no cover
-            return
-        extra = {f"pact_{k}": summary[k] for k in _THROUGHPUT_KEYS if summary.get(k) is not None}
-        log_metrics(
-            total_elapsed_time=float(summary.get("end_to_end_seconds_total") or 0.0),
-            total_gen_tokens=int(summary.get("generated_tokens") or 0),
-            avg_speed=float(summary.get("decode_tokens_per_second") or 0.0),
-            additional_metrics=extra,
-        )
+        return self.metrics.finalize(run, world_size=self._world_size, rank=self._rank)
 
     def clean(self) -> None:
         """lmms-eval calls this on every process once all requests ran: finish the metrics first."""
@@ -996,8 +814,7 @@ class PactHFModel(lmms):
             self.finalize_metrics()
         except Exception as e:  # never lose lmms-eval's own results because of ours
             logger.exception(f"pact metrics failed: {e}")
-        if self._timer is not None:
-            self._timer.close()
+        self.metrics.close()
         super().clean()
 
 

@@ -54,6 +54,7 @@ _NAMES = {
     "pact_no_retrieval": "PACT (no retrieval)",
 }
 
+
 def display_name(method: str) -> str:
     """Legend name of a run label (``pact_layer8`` -> "PACT at layer 8")."""
     layer = re.fullmatch(r"pact_layer(\d+)", method)
