@@ -97,7 +97,7 @@ def load_checkpoint(path: str, dtype: Any, device: str, attn: str):
 
 def build_inputs(processor, image, device: str, visual_tokens: int):
     """The chat prompt (image + QUESTION); Qwen-style processors resize to about ``visual_tokens``."""
-    from pact.bench_prefill import build_inputs as prompt_inputs
+    from pact.bench.prefill import build_inputs as prompt_inputs
 
     return prompt_inputs(processor, image, visual_tokens).to(device)
 
@@ -117,7 +117,7 @@ def time_prefill(model, inputs, device: str) -> tuple[float, int, str, int]:
     """One prefill (KV cache, last logits only): (seconds, peak bytes, peak kind, KV-cache bytes)."""
     import torch
 
-    from pact.bench_prefill import RssSampler, kv_cache_bytes
+    from pact.bench.prefill import RssSampler, kv_cache_bytes
 
     with torch.inference_mode():
         if device.startswith("cuda"):
@@ -175,12 +175,12 @@ def measure(
 def ideal_speedup(model, inputs, cfg, stats) -> float | None:
     """The FLOP model's prefill speed-up for the reduction ``stats`` describes (None: nothing reduced).
 
-    One step: `pact.bench_prefill.ideal_speedup` (reduction cost included). Several steps
+    One step: `pact.bench.prefill.ideal_speedup` (reduction cost included). Several steps
     (progressive methods): the ratio of decoder FLOPs with the per-step removals, reduction cost left
     out (so the bound is, if anything, too generous).
     """
-    from pact.bench_prefill import DecoderShape, prefill_flops, tokens_per_layer
-    from pact.bench_prefill import ideal_speedup as one_step
+    from pact.bench.prefill import DecoderShape, prefill_flops, tokens_per_layer
+    from pact.bench.prefill import ideal_speedup as one_step
 
     if not stats.layers or not stats.records:
         return None
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import pact
-    from pact.bench_prefill import count_visual
+    from pact.bench.prefill import count_visual
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from pact import bench_methods
-from pact import bench_prefill as bp
+from pact import bench
+from pact.bench import prefill as bp
 
 # hidden 8, 2 layers, 2 query heads and 1 KV head of width 4, MLP 16, vocabulary 10
 SHAPE = bp.DecoderShape(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
@@ -67,7 +67,7 @@ def prefill_result(tmp_path_factory):
         "--sweep",
         "0.5",
     ]
-    assert bp.main(argv) == 0
+    assert bench.main(["prefill", *argv]) == 0
     text = path.read_text()
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
@@ -136,7 +136,7 @@ def test_methods_lists_unsupported_and_times_the_rest(tmp_path):
         "--json",
         str(path),
     ]
-    assert bench_methods.main(argv) == 0
+    assert bench.main(["methods", *argv]) == 0
     rows = {row["config"]: row for row in json.loads(path.read_text())["rows"]}
     hired = load_config("hired")
     if "qwen2_vl" not in families_of(REGISTRY[(hired.pruning, hired.clustering)]):
@@ -148,7 +148,6 @@ def test_methods_lists_unsupported_and_times_the_rest(tmp_path):
 
 
 def test_clustering_bench_times_and_skips(tmp_path):
-    from pact import bench_clustering
 
     path = tmp_path / "clustering.json"
     argv = [
@@ -167,7 +166,7 @@ def test_clustering_bench_times_and_skips(tmp_path):
         "--plot",
         str(tmp_path / "c.png"),
     ]
-    assert bench_clustering.main(argv) == 0
+    assert bench.main(["clustering", *argv]) == 0
     rows = json.loads(path.read_text())["rows"]
     first = [r for r in rows if r["n"] == 64]
     assert [r["algorithm"] for r in first] == ["x @ x.T (floor)", "DBDPC", "DBSCAN (scikit-learn)"]

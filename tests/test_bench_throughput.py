@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pact import bench, testing
-from pact import bench_prefill as bp
-from pact import bench_throughput as bt
+from pact.bench import prefill as bp
+from pact.bench import throughput as bt
 
 # hidden 8, 2 layers, 2 query heads and 1 KV head of width 4, MLP 16, vocabulary 10 (as test_bench)
 SHAPE = bp.DecoderShape(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)

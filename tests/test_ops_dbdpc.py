@@ -269,24 +269,25 @@ def test_reference_style_algorithm_and_bench_ops_smoke(capsys):
     """The benchmark's re-implementation of the reference's recursive scheme (a different algorithm)
     agrees with dbdpc on clustered data, and `pact bench ops` runs end to end (timings not checked)."""
     from pact import bench
+    from pact.bench import ops as bench_ops
 
     for kind, seed in (("blobs", 0), ("blobs", 1), ("random", 0)):
-        x = bench.make_points(kind, 300, 32, seed=seed)
+        x = bench_ops.make_points(kind, 300, 32, seed=seed)
         centers, labels = dbdpc(x, 0.21)
-        ref_centers, ref_labels = bench.reference_style_dbdpc(x, 0.21)
+        ref_centers, ref_labels = bench_ops.reference_style_dbdpc(x, 0.21)
         assert torch.equal(centers, ref_centers)
         assert torch.equal(
             cosine_distances(x)[labels, torch.arange(300)], cosine_distances(x)[ref_labels, torch.arange(300)]
         )
-    rows = bench.bench_ops(sizes=(40,), dim=8, repeats=1, reference_max=40)
+    rows = bench_ops.bench_ops(sizes=(40,), dim=8, repeats=1, reference_max=40)
     assert [(r["n"], r["data"]) for r in rows] == [(40, "blobs"), (40, "random")]
     assert all(r["dbdpc_s"] > 0 and r["matmul_s"] > 0 and r["reference_s"] is not None for r in rows)
     assert [r["form"] for r in rows] == ["matrix", "matrix"]
-    blocked = bench.bench_ops(
+    blocked = bench_ops.bench_ops(
         sizes=(300,), dim=8, repeats=1, kinds=("blobs",), matrix_max_points=0, matmul_max=0
     )
     assert blocked[0]["form"] == "blocked" and blocked[0]["matmul_s"] is None and blocked[0]["pass_s"] > 0
-    assert blocked[0]["clusters"] == dbdpc(bench.make_points("blobs", 300, 8), 0.21)[0].numel()
+    assert blocked[0]["clusters"] == dbdpc(bench_ops.make_points("blobs", 300, 8), 0.21)[0].numel()
     assert bench.main(["ops", "--sizes", "30", "--dim", "8", "--repeats", "1", "--data", "random"]) == 0
     assert (
         bench.main(["ops", "--sizes", "130", "--dim", "8", "--repeats", "1", "--matrix-max-points", "0"]) == 0

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from pact import bench_prefill as bp
+from pact.bench import load_average, machine_info
+from pact.bench import prefill as bp
 from pact.cli import device_name, int_at_least, output_file, parse_overrides, reduction_ratio
 
 FAMILY = "qwen2_vl"
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    load_before = bp._load()
+    load_before = load_average()
     t0 = time.perf_counter()
     model, processor, what = bp.build_random_model(
         tiny=args.tiny, layers=args.layers, dtype=getattr(torch, args.dtype), attn="sdpa"
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "methods",
         "command": "pact bench methods " + " ".join(getattr(args, "argv", []) or []),
-        "machine": {**bp.machine_info(device), "load_before": load_before, "load_after": bp._load()},
+        "machine": {**machine_info(device), "load_before": load_before, "load_after": load_average()},
         "model": {
             "description": what,
             "layers": model.config.get_text_config().num_hidden_layers,
@@ -266,23 +267,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="pact bench methods", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return finish(args, run(args))
-
-
-def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    print(format_table(result))
-    if args.json:
-        print(f"wrote {bp.write_json(result, args.json)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+report = format_table

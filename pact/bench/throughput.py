@@ -17,7 +17,7 @@ shape with random weights (no download) and measures, for the stock model and fo
 * KV-cache bytes after the prefill (exact, from the cache tensors);
 
 and the ratios (throughput x, TTFT x, memory ratio) next to the paper's figures and the FLOP model's
-ideal (``pact.bench_prefill``'s decoder FLOP model, here over the prefill and every decode step).
+ideal (``pact.bench.prefill``'s decoder FLOP model, here over the prefill and every decode step).
 
 Shapes (``--shape``), per family (``--family``):
 
@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import importlib.util
 import math
-import os
 import statistics
 import sys
 import time
@@ -62,7 +61,8 @@ from typing import Any
 
 import torch
 
-from pact import bench_prefill as bp
+from pact.bench import load_average, machine_info
+from pact.bench import prefill as bp
 
 PROMPT = "Describe this image in detail."
 
@@ -526,14 +526,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the result to this JSON file")
 
 
-def _load_average() -> list[float] | None:
-    """The machine's 1/5/15-minute load averages (a shared machine's noise), None if unknown."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _fail(message: str) -> SystemExit:
     return SystemExit(f"pact bench throughput: {message}")
 
@@ -611,7 +603,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(msg, file=sys.stderr, flush=True)
 
     spec, base_cfg, notes = validate(args)
-    load_before = _load_average()
+    load_before = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -690,7 +682,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "throughput",
         "command": "pact bench throughput " + " ".join(getattr(args, "argv", []) or []),
-        "machine": {**bp.machine_info(device), "load_before": load_before, "load_after": _load_average()},
+        "machine": {**machine_info(device), "load_before": load_before, "load_after": load_average()},
         "model": {
             "family": args.family,
             "shape": args.shape,
@@ -737,7 +729,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_ratio": r["kv_cache_bytes"] / s["kv_cache_bytes"] if s["kv_cache_bytes"] else math.nan,
         "peak_memory_kind": s["peak_memory_kind"],
         "ideal": ideal,
-        "flop_model": "decoder only (vision tower excluded: the same on both sides): bench_prefill's "
+        "flop_model": "decoder only (vision tower excluded: the same on both sides): pact.bench.prefill's "
         "per-layer FLOPs for the prefill, plus new_tokens - 1 decode steps (linear layers, attention over "
         "the cache, LM head); PACT pays its own reduction FLOPs. Decode is memory-bound on GPUs, so the "
         "generation figure is a FLOP ratio, not a time ceiling",
@@ -777,26 +769,4 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    """Print the report and write the JSON the arguments ask for."""
-    print(format_report(result))
-    if args.json:
-        print(f"wrote {bp.write_json(result, args.json)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="pact bench throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return finish(args, run(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+report = format_report

@@ -41,11 +41,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as _dt
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -56,6 +53,7 @@ from typing import Any
 
 import torch
 
+from pact.bench import load_average, machine_info
 from pact.cli import (
     add_config_arguments,
     device_name,
@@ -723,38 +721,6 @@ def measure(
 # ================================================================================================
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, torch/transformers versions, GPU name, date, load average."""
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def budget_config(model: Any, inputs: Any, cfg: Any, ratio: float, mode: str) -> tuple[Any, dict[str, Any]]:
     """The config to time for reduction ratio ``ratio`` under the ``--budget`` mode."""
     if mode == "fixed":
@@ -1025,7 +991,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    load_before = _load()
+    load_before = load_average()
     t0 = time.perf_counter()
     if args.model:
         model, processor, what = load_checkpoint(args.model, dtype, args.attn)
@@ -1103,7 +1069,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "prefill",
         "command": "pact bench prefill " + " ".join(getattr(args, "argv", []) or []),
-        "machine": {**machine_info(device), "load_before": load_before, "load_after": _load()},
+        "machine": {**machine_info(device), "load_before": load_before, "load_after": load_average()},
         "model": {
             "description": what,
             "random_weights": not args.model,
@@ -1165,45 +1131,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def json_safe(x: Any) -> Any:
-    """``x`` with NaN/inf floats replaced by None (strict JSON) and tuples by lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
-
-
-def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a benchmark result as strict JSON (non-finite floats become null); returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="pact bench prefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return finish(args, run(args))
-
-
-def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    """Print the report and write the JSON / plot the arguments ask for."""
-    print(format_report(result))
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        print(f"wrote {plot_speedup(result, args.plot)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+report = format_report
+plot = plot_speedup

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from pact.bench import load_average, machine_info
 from pact.cli import int_at_least, int_list_at_least, nonnegative_float, output_file, positive_float
 
 # name -> (implementation, how its time grows with N for the skip rule)
@@ -103,7 +104,7 @@ def _time(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
 
 
 def bench_clustering(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from pact.bench import make_points
+    from pact.bench.ops import make_points
 
     names = algorithm_names(args.algorithms)
     rows: list[dict[str, Any]] = []
@@ -235,12 +236,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pact.bench_prefill import _load, machine_info
 
     algorithm_names(args.algorithms)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = _load()
+    load_before = load_average()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "clustering",
         "command": "pact bench clustering " + " ".join(getattr(args, "argv", []) or []),
-        "machine": {**machine_info(torch.device("cpu")), "load_before": load_before, "load_after": _load()},
+        "machine": {**machine_info("cpu"), "load_before": load_before, "load_after": load_average()},
         "dim": args.dim,
         "keep": args.keep,
         "cutoff": args.cutoff,
@@ -277,29 +277,5 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    from pact.bench_prefill import write_json
-
-    print(format_table(result))
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        print(f"wrote {plot_time_vs_n(result, args.plot)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="pact bench clustering",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return finish(args, run(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+report = format_table
+plot = plot_time_vs_n

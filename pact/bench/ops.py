@@ -1,12 +1,9 @@
-"""`pact bench`: benchmarks (timings live here, never in tests).
+"""`pact bench ops`: DBDPC against the matmul floor.
 
-    python -m pact.bench ops                      # DBDPC against the matmul floor, N = 1000 .. 16384
+    python -m pact.bench ops                      # N = 1000 .. 16384
     python -m pact.bench ops --sizes 1000,4000 --repeats 1 --json out.json
-    python -m pact.bench prefill ...              # see `pact bench prefill --help`
-    python -m pact.bench methods ...              # see `pact bench methods --help`
-    python -m pact.bench clustering ...           # see `pact bench clustering --help`
 
-`ops` times one float32 `x @ x.T` (the N x N matmul every DBDPC implementation must do, the floor),
+It times one float32 `x @ x.T` (the N x N matmul every DBDPC implementation must do, the floor),
 one blocked pass computing the same dot products 128 rows at a time without storing them (the floor
 without an N x N buffer) and `pact.ops.dbdpc` on the same N x D float32 points, for two kinds of
 data: "blobs" (many small clusters of different tightness on the unit sphere, like visual-token
@@ -21,20 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from pact.bench import load_average, machine_info
 from pact.cli import int_at_least, int_list_at_least, output_file, positive_float
 from pact.ops.dbdpc import MATRIX_MAX_POINTS, dbdpc, normalize_rows
 
@@ -233,28 +225,6 @@ HEADER = (
 )
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch version and threads, date, load average."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = None
-    with contextlib.suppress(OSError):
-        load = [round(v, 2) for v in os.getloadavg()]
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average": load,
-    }
-
-
 # ---------------------------------------------------------------------------------------- CLI
 
 
@@ -269,7 +239,40 @@ def _data_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def _run_ops(args: argparse.Namespace) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `pact bench ops`."""
+    p.add_argument(
+        "--sizes", type=int_list_at_least(1), default=(1000, 4000, 8000, 16384), help="comma-separated N"
+    )
+    p.add_argument("--dim", type=int_at_least(1), default=512, help="point dimension D (default 512)")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (median; 3)")
+    p.add_argument("--cutoff", type=positive_float, default=0.21, help="DBDPC cutoff (default 0.21)")
+    p.add_argument("--data", type=_data_kinds, default=("blobs", "random"), help="data kinds: blobs,random")
+    p.add_argument(
+        "--reference-max",
+        type=int_at_least(0),
+        default=4000,
+        help="also time the reference-style algorithm up to this N (default 4000)",
+    )
+    p.add_argument(
+        "--matrix-max-points",
+        type=int_at_least(0),
+        default=MATRIX_MAX_POINTS,
+        help=f"DBDPC stores the N x N matrix up to this N, blocked above (default {MATRIX_MAX_POINTS})",
+    )
+    p.add_argument(
+        "--matmul-max",
+        type=int_at_least(0),
+        default=16384,
+        help="time the full x @ x.T (N x N output) only up to this N (default 16384)",
+    )
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed first DBDPC call (large N)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=output_file, help="write the rows and machine info to this JSON file")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every (N, data kind), printing each row as it completes; returns the rows and machine."""
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
@@ -291,91 +294,15 @@ def _run_ops(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         log=lambda line: print(line, flush=True),
     )
-    if args.json:
-        info["load_average_after"] = machine_info()["load_average"]
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "benchmark": "ops",
-            "command": "pact bench ops " + " ".join(args.argv),
-            "machine": info,
-            "rows": rows,
-        }
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
-    return 0
+    info["load_average_after"] = load_average()
+    return {
+        "benchmark": "ops",
+        "command": "pact bench ops " + " ".join(getattr(args, "argv", [])),
+        "machine": info,
+        "rows": rows,
+    }
 
 
-def _delegate(module_name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]:
-    """(add_arguments, runner) of a benchmark that lives in its own module (imported lazily)."""
-    import importlib
-
-    module = importlib.import_module(module_name)
-
-    def runner(args: argparse.Namespace) -> int:
-        return module.finish(args, module.run(args))
-
-    return module.add_arguments, runner
-
-
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pact bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{ops,prefill,methods,clustering,throughput}"
-    )
-    ops = sub.add_parser("ops", help="DBDPC against one float32 x @ x.T (the matmul floor)")
-    ops.add_argument(
-        "--sizes", type=int_list_at_least(1), default=(1000, 4000, 8000, 16384), help="comma-separated N"
-    )
-    ops.add_argument("--dim", type=int_at_least(1), default=512, help="point dimension D (default 512)")
-    ops.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (median; 3)")
-    ops.add_argument("--cutoff", type=positive_float, default=0.21, help="DBDPC cutoff (default 0.21)")
-    ops.add_argument("--data", type=_data_kinds, default=("blobs", "random"), help="data kinds: blobs,random")
-    ops.add_argument(
-        "--reference-max",
-        type=int_at_least(0),
-        default=4000,
-        help="also time the reference-style algorithm up to this N (default 4000)",
-    )
-    ops.add_argument(
-        "--matrix-max-points",
-        type=int_at_least(0),
-        default=MATRIX_MAX_POINTS,
-        help=f"DBDPC stores the N x N matrix up to this N, blocked above (default {MATRIX_MAX_POINTS})",
-    )
-    ops.add_argument(
-        "--matmul-max",
-        type=int_at_least(0),
-        default=16384,
-        help="time the full x @ x.T (N x N output) only up to this N (default 16384)",
-    )
-    ops.add_argument("--no-warmup", action="store_true", help="skip the untimed first DBDPC call (large N)")
-    ops.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
-    ops.add_argument("--json", type=output_file, help="write the rows and machine info to this JSON file")
-    ops.set_defaults(run=_run_ops)
-    # The other benchmarks own their options; only import the one that is asked for.
-    for name, module, help_ in (
-        ("prefill", "pact.bench_prefill", "prefill speed-up on a random VLM"),
-        ("methods", "pact.bench_methods", "every method at one budget"),
-        ("clustering", "pact.bench_clustering", "clustering baselines (ours, scikit-learn) vs N"),
-        ("throughput", "pact.bench_throughput", "generation throughput, TTFT, peak memory: stock vs PACT"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        if argv[:1] == [name]:
-            add_arguments, runner = _delegate(module)
-            add_arguments(p)
-            p.set_defaults(run=runner)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    args.argv = argv[1:]
-    return int(args.run(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def report(result: dict[str, Any]) -> str:
+    """Nothing more: the rows were printed as they completed."""
+    return ""
