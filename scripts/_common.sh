@@ -71,6 +71,30 @@ run_baseline() {
     fi
 }
 
+# run_at_ratios LMMS_MODEL LOAD OUTPUT ARGS_FN NAME...: the sweep every comparison script runs. For
+# every task of $TASKS: the no-reduction reference (run_baseline), then each NAME at each ratio of
+# $RATIOS, with the --model_args "$LOAD,$(ARGS_FN NAME),target_ratio=<ratio>", into OUTPUT/NAME as
+# the run NAME_r<ratio>_<task>. ARGS_FN is the script's function from a name to its config args; an
+# unknown name (ARGS_FN fails) stops the script before anything runs.
+run_at_ratios() {
+    local model=$1 load=$2 out=$3 args_fn=$4
+    shift 4
+    local task name ratio
+    local -A args=()
+    for name in "$@"; do
+        args[$name]=$("$args_fn" "$name") || exit 2
+    done
+    for task in $(task_list "$TASKS"); do
+        run_baseline "$model" "$load" "$task" "$out"
+        for name in "$@"; do
+            for ratio in $RATIOS; do
+                run_eval "$model" "$load,${args[$name]},target_ratio=$ratio" "$task" "$out/$name" \
+                    "${name}_r${ratio}_$task"
+            done
+        done
+    done
+}
+
 finish() {
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "failed runs: ${FAILED[*]}" >&2

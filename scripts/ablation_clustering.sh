@@ -46,14 +46,6 @@ method_args() {
     esac
 }
 
-for task in $(task_list "$TASKS"); do
-    run_baseline "$LMMS_MODEL" "$LOAD" "$task" "$OUTPUT"
-    for method in $METHODS; do
-        args=$(method_args "$method")
-        for ratio in $RATIOS; do
-            run_eval "$LMMS_MODEL" "$LOAD,$args,target_ratio=$ratio" "$task" "$OUTPUT/$method" \
-                "${method}_r${ratio}_$task"
-        done
-    done
-done
+# shellcheck disable=SC2086  # METHODS is a list of names: split it into words on purpose
+run_at_ratios "$LMMS_MODEL" "$LOAD" "$OUTPUT" method_args $METHODS
 finish "$OUTPUT"

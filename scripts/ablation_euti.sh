@@ -50,14 +50,6 @@ variant_args() {
     esac
 }
 
-for task in $(task_list "$TASKS"); do
-    run_baseline "$LMMS_MODEL" "$LOAD" "$task" "$OUTPUT"
-    for variant in $VARIANTS; do
-        args=$(variant_args "$variant")
-        for ratio in $RATIOS; do
-            run_eval "$LMMS_MODEL" "$LOAD,$args,target_ratio=$ratio" "$task" "$OUTPUT/$variant" \
-                "${variant}_r${ratio}_$task"
-        done
-    done
-done
+# shellcheck disable=SC2086  # VARIANTS is a list of names: split it into words on purpose
+run_at_ratios "$LMMS_MODEL" "$LOAD" "$OUTPUT" variant_args $VARIANTS
 finish "$OUTPUT"

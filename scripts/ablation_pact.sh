@@ -66,33 +66,31 @@ pact_args() {
     echo "pact_config=pact,layer=$1${PACT_ARGS:+,$PACT_ARGS},label=$2"
 }
 
-for task in $(task_list "$TASKS"); do
-    run_baseline "$LMMS_MODEL" "$LOAD" "$task" "$OUTPUT"
-    for variant in $VARIANTS; do
-        case $variant in
-            pact) runs=("pact|$(pact_args "$CHOSEN_LAYER" pact)") ;;
-            no_retrieval) runs=("no_retrieval|$(pact_args "$CHOSEN_LAYER" pact_no_retrieval),retrieval=false") ;;
-            layers)
-                runs=()
-                for layer in $OTHER_LAYERS; do
-                    if [ "$layer" != "$CHOSEN_LAYER" ]; then
-                        runs+=("layer$layer|$(pact_args "$layer" "pact_layer$layer")")
-                    fi
-                done
-                ;;
-            *)
-                echo "unknown PACT variant $variant (choose from: pact no_retrieval layers)" >&2
-                exit 2
-                ;;
-        esac
-        for run in ${runs[@]+"${runs[@]}"}; do
-            name=${run%%|*}
-            args=${run#*|}
-            for ratio in $RATIOS; do
-                run_eval "$LMMS_MODEL" "$LOAD,$args,target_ratio=$ratio" "$task" "$OUTPUT/$name" \
-                    "${name}_r${ratio}_$task"
+# run name -> its config args: pact, no_retrieval, layer<L> (a fixed layer instead of the chosen one)
+run_args() {
+    case $1 in
+        pact) pact_args "$CHOSEN_LAYER" pact ;;
+        no_retrieval) echo "$(pact_args "$CHOSEN_LAYER" pact_no_retrieval),retrieval=false" ;;
+        layer*) pact_args "${1#layer}" "pact_$1" ;;
+    esac
+}
+
+# The variants as run names ("layers" is one run per layer of OTHER_LAYERS other than the chosen one).
+runs=()
+for variant in $VARIANTS; do
+    case $variant in
+        pact | no_retrieval) runs+=("$variant") ;;
+        layers)
+            for layer in $OTHER_LAYERS; do
+                if [ "$layer" != "$CHOSEN_LAYER" ]; then runs+=("layer$layer"); fi
             done
-        done
-    done
+            ;;
+        *)
+            echo "unknown PACT variant $variant (choose from: pact no_retrieval layers)" >&2
+            exit 2
+            ;;
+    esac
 done
+
+run_at_ratios "$LMMS_MODEL" "$LOAD" "$OUTPUT" run_args ${runs[@]+"${runs[@]}"}
 finish "$OUTPUT"

@@ -353,6 +353,23 @@ def test_scripts_take_overrides():
         assert cmd[cmd.index("--output_path") + 1] == "/o/pact"
 
 
+@pytest.mark.parametrize(
+    ("script", "names"),
+    [
+        ("ablation_clustering.sh", {"METHODS": "dbdpc bogus"}),
+        ("ablation_euti.sh", {"VARIANTS": "euti bogus"}),
+        ("ablation_pact.sh", {"VARIANTS": "pact bogus"}),
+        ("sweep.sh", {"METHODS": "pact bogus"}),
+    ],
+)
+def test_sweep_scripts_refuse_an_unknown_name_before_running_anything(script, names):
+    """run_at_ratios resolves every name first: a typo costs no run (not the first N runs)."""
+    env = dict(os.environ, DRY_RUN="1", TASKS="a b", **names)
+    proc = subprocess.run(["bash", f"scripts/{script}"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "bogus" in proc.stderr
+
+
 def test_scripts_detect_failed_runs(tmp_path):
     """lmms-eval exits 0 after a failed run; the scripts judge a run by its new results file."""
     fake = tmp_path / "fake_lmms_eval.sh"
