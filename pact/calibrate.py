@@ -486,6 +486,8 @@ def plot_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pact.eval.plot import save_figure
+
     xs = [s.layer for s in stats]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.fill_between(
@@ -506,11 +508,7 @@ def plot_curve(
     ax.set_title(title, fontsize=10)
     ax.grid(True, ls="--", alpha=0.4)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -217,6 +217,8 @@ def draw_overlay(image, grid_hw: tuple[int, int], kept, labels, path: Path, titl
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from pact.eval.plot import save_figure
+
     rows, cols = grid_hw
     lab = labels.reshape(rows, cols).numpy()
     rng = np.random.default_rng(0)
@@ -244,10 +246,7 @@ def draw_overlay(image, grid_hw: tuple[int, int], kept, labels, path: Path, titl
     axes[1].set_title(title, fontsize=10)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _table(rows: list[RunResult]) -> str:

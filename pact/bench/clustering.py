@@ -148,6 +148,8 @@ def plot_time_vs_n(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pact.eval.plot import save_figure
+
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     styles = {
         "floor": dict(color="black", ls="--", lw=2),
@@ -176,12 +178,7 @@ def plot_time_vs_n(result: dict[str, Any], path: str | Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=120)
 
 
 def keep_fraction(text: str) -> float:

@@ -856,6 +856,8 @@ def plot_speedup(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pact.eval.plot import save_figure
+
     curve = result["ideal_curve"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.plot(
@@ -911,12 +913,7 @@ def plot_speedup(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_ylim(bottom=min([0.8, *[0.9 * x for x in lows]]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=120)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,9 +16,24 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pact.cli import output_file
 from pact.eval.report import Point, build_rows, find_runs, summarize_points
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parent folders created), close it; returns the path.
+    Every figure pact draws (``pact plot``, benchmarks, calibration, the demo) is saved here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
 
 # Fixed colours/markers for the paper's methods so figures are comparable across runs.
 _STYLE: dict[str, tuple[str, str]] = {
@@ -124,12 +139,7 @@ def plot_points(
         ax.grid(True, linestyle="--", alpha=0.5)
         ax.legend(loc="lower left")
     fig.suptitle("Approach-to-Reference Metric Ratio vs Reduction Ratio")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=150)
 
 
 def main(argv: list[str] | None = None) -> int:
