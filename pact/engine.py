@@ -168,6 +168,8 @@ class Prefill:
     length: int = 0  # T, the prefill's input length
     valid: torch.Tensor | None = None  # (B, T) bool, attention_mask of the prefill
     candidates: torch.Tensor | None = None  # (B, T) bool visual patch tokens
+    # (B, T) bool non-candidate slots a Reduction may remove (``drop_removable``: image newlines)
+    removable: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
     visual_before: list[int] = field(default_factory=list)  # per sample, visual patch tokens
     inputs: dict[str, Any] = field(default_factory=dict)  # the call's keyword arguments, for methods
@@ -376,6 +378,7 @@ class Engine:
             pre.visual_before = [0] * pre.batch
             return
         cand = self.adapter.candidate_mask(input_ids, kwargs) & valid
+        removable = self.adapter.removable_mask(input_ids, kwargs) & valid & ~cand
         counts = cand.sum(1).tolist()
         pre.visual_before = [int(c) for c in counts]
         if sum(counts) == 0:
@@ -389,6 +392,7 @@ class Engine:
         # Checked per call: another model sharing this config may have switched it back.
         pre.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
         pre.candidates = cand
+        pre.removable = removable if bool(removable.any()) else None
         pre.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
         pre.inputs["input_ids"] = input_ids
         self.method.prepare(self.model, self.adapter, pre.inputs, st.context)
@@ -547,7 +551,10 @@ class Engine:
             dev = hidden.device
             cos, sin = kwargs["position_embeddings"]
             positions = pre.positions.to(dev)
-            red.layout = initial_layout(pre.valid.to(dev), pre.candidates.to(dev), positions, cos, sin)
+            removable = None if pre.removable is None else pre.removable.to(dev)
+            red.layout = initial_layout(
+                pre.valid.to(dev), pre.candidates.to(dev), positions, cos, sin, removable=removable
+            )
             red.original_rope = (red.layout.cos, red.layout.sin)
             red.first_position = first_positions(pre.valid.to(dev), positions)  # for renumber
         lay = red.layout
@@ -565,19 +572,29 @@ class Engine:
             slots = torch.nonzero(valid_rows[b], as_tuple=False).flatten()  # (n,)
             vis = lay.visual[b, slots]
             vis_pos = torch.nonzero(vis, as_tuple=False).flatten()  # indices into slots
+            # the sample's removable non-candidate slots (image newlines), indices into slots
+            removable = None
+            if lay.removable is not None:
+                removable = torch.nonzero(lay.removable[b, slots], as_tuple=False).flatten()
             reduction = None
             if vis_pos.numel():
                 reduction = self._call_method(i, layer, b, hidden, slots, vis, vis_pos)
+            plan = plan_sample(
+                slots, vis_pos, lay.sizes[b, slots], reduction, layer=i, sample=b, removable=removable
+            )
+            plans.append(plan)
+            if reduction is not None:
                 orig_vis = lay.visual_index[b, slots[vis_pos]]
                 prev_b = previous[b] if previous is not None else None
-                step_records.append(step_record(i, reduction, orig_vis, pre.visual_before[b], prev_b))
+                step_records.append(
+                    step_record(i, reduction, orig_vis, pre.visual_before[b], prev_b, plan.removed_slots)
+                )
                 if self.config.position_mode == "mean" and reduction.kept.numel():
                     self._mean_positions(
                         b, slots, vis_pos, vis_pos[reduction.kept], reduction.labels.to(slots.device)
                     )
             else:
                 step_records.append(None)
-            plans.append(plan_sample(slots, vis_pos, lay.sizes[b, slots], reduction, layer=i, sample=b))
         packing = pack_batch(plans, old_length=hidden.shape[1])
         new_hidden = pack_hidden(hidden, packing)
         new = gather_layout(red.layout, packing)

@@ -639,6 +639,10 @@ class HiRED(VisionMethod):
     video frames) keep their top ``int(V * keep_ratio)``. A visual token stays when the encoder token
     it was built from was selected: tokens lost to unpadding are not replaced, as in the official code.
 
+    The official code packs the selected tokens without LLaVA-NeXT's image newlines
+    (``image_newline=None``): the Reduction asks the engine to remove them (``drop_removable``;
+    LLaVA-OneVision's newlines likewise); ``hired_newlines="keep"`` leaves them in place.
+
     Options: ``hired_layout="spatial"`` (a base token counts for the crop covering it). With a budget
     (``target_tokens`` / ``target_ratio``) the sample's budget is split over its images by token
     count, each image's split uses the same base/sub-image rule with the remainder handed out, over
@@ -768,4 +772,7 @@ class HiRED(VisionMethod):
                 self._budget_image(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)
             ]
             kept_all = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=device)
-        return pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])
+        red = pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])
+        # The official code packs the selected tokens without image newlines (image_newline=None).
+        red.drop_removable = getattr(self.config, "hired_newlines", "remove") == "remove"
+        return red
