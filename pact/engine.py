@@ -25,13 +25,17 @@ key bias, ``ReductionRecord``s on device) and where the current call is (``CallP
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
-  A Reduction may reorder the kept visual tokens within their slots (``order``) and insert new
-  tokens after them (``extra``); each sample's new order is one ``pact.packing.SamplePlan``.
+  A Reduction may reorder the kept visual tokens within their slots (``order``), insert new
+  tokens after them (``extra``) and remove the slots the adapter marks removable
+  (``drop_removable``; ``ModelAdapter.removable_mask``: image newlines, which HiRED's official code
+  leaves out); each sample's new order is one ``pact.packing.SamplePlan``.
 - position_mode="renumber" on 1-D RoPE: layers >= L get contiguous positions over each sample's
   reduced sequence (cos/sin recomputed with the model's rotary module) and, in cached steps, the
   stock position ids minus the tokens removed up to that layer, so decoding continues from the
   reduced length there while layers < L (whole prompt in their cache) keep the stock ones. On
-  M-RoPE it keeps the (t, h, w) ids, as the Qwen ports of vision-side methods do (= center).
+  M-RoPE it keeps the (t, h, w) ids and decodes stock, as the official Qwen ports do (DART's
+  Qwen2-VL / Qwen2.5-VL code, LLMC's VisionZip / VisPruner Qwen2.5-VL hooks: the full prompt's ids
+  sliced to the kept tokens, rope_deltas of the full prompt; = center).
 - Layers >= L see the key bias (padding -inf + log(size) per key when proportional attention is
   on). On sdpa (default) it travels as the keyword ``pact_key_bias`` to the attention function
   registered as ``pact.attention_backend.PACT_SDPA`` (the text config is switched to it at install,
