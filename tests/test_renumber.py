@@ -631,14 +631,15 @@ def test_hired_newline_removal_keeps_the_engine_guarantees(family, attn, positio
     st = pact.api.stats(model)
     assert [r.removed_slots if r is not None else 0 for r in st.records[0]] == newlines
     assert newlines[0] > 0 and newlines[2] == 0
-    # uncached: the prompt and the generated tokens in one prefill (vision methods read the encoder
-    # of the same call, which generate(use_cache=False) runs only once)
+    # uncached: the prompt and the generated tokens in one prefill (teacher forcing), and generate
+    # without a cache
     full = dict(x)
     full["input_ids"] = torch.cat([x["input_ids"], batch[:, :-1]], dim=1)
     full["attention_mask"] = torch.cat([x["attention_mask"], torch.ones_like(batch[:, :-1])], dim=1)
     with torch.no_grad():
         uncached = model(**full).logits[:, x["input_ids"].shape[1] - 1 :].argmax(-1)
     assert torch.equal(uncached, batch)
+    assert torch.equal(greedy(model, x, n=4, use_cache=False), batch)
     for b, s in enumerate(samples):
         assert torch.equal(batch[b], greedy(model, inputs_for(family, [s]), n=4)[0]), f"sample {b}"
     with torch.no_grad():
