@@ -157,6 +157,9 @@ class PactConfig:
     vision_features: str = "encoder"
     """VisPruner similarity / PruMerge merge features: the "encoder" selected-layer outputs (projector
     input, official) or the "projector" outputs (LLM input embeddings)."""
+    hired_newlines: str = "remove"
+    """HiRED: LLaVA-NeXT / -OneVision image-newline slots are removed with the pruned tokens
+    ("remove", official: ``image_newline=None``) or "keep" them in the sequence."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -385,6 +388,7 @@ _RULES: dict[str, _Rule] = {
     "vispruner_scope": _choice("crop", "sample"),
     "vispruner_dtype": _choice("model", "float32"),
     "vision_features": _choice("encoder", "projector"),
+    "hired_newlines": _choice("remove", "keep"),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),

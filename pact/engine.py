@@ -25,13 +25,17 @@ key bias, ``ReductionRecord``s on device) and where the current call is (``CallP
 Why the parts look as they do:
 - Kept tokens keep their original rotary positions by gathering the cos/sin rows the model already
   computed (1-D RoPE and Qwen's M-RoPE alike); a merged token sits at its center's slot and position.
-  A Reduction may reorder the kept visual tokens within their slots (``order``) and insert new
-  tokens after them (``extra``); each sample's new order is one ``pact.packing.SamplePlan``.
+  A Reduction may reorder the kept visual tokens within their slots (``order``), insert new
+  tokens after them (``extra``) and remove the slots the adapter marks removable
+  (``drop_removable``; ``ModelAdapter.removable_mask``: image newlines, which HiRED's official code
+  leaves out); each sample's new order is one ``pact.packing.SamplePlan``.
 - position_mode="renumber" on 1-D RoPE: layers >= L get contiguous positions over each sample's
   reduced sequence (cos/sin recomputed with the model's rotary module) and, in cached steps, the
   stock position ids minus the tokens removed up to that layer, so decoding continues from the
   reduced length there while layers < L (whole prompt in their cache) keep the stock ones. On
-  M-RoPE it keeps the (t, h, w) ids, as the Qwen ports of vision-side methods do (= center).
+  M-RoPE it keeps the (t, h, w) ids and decodes stock, as the official Qwen ports do (DART's
+  Qwen2-VL / Qwen2.5-VL code, LLMC's VisionZip / VisPruner Qwen2.5-VL hooks: the full prompt's ids
+  sliced to the kept tokens, rope_deltas of the full prompt; = center).
 - Layers >= L see the key bias (padding -inf + log(size) per key when proportional attention is
   on). On sdpa (default) it travels as the keyword ``pact_key_bias`` to the attention function
   registered as ``pact.attention_backend.PACT_SDPA`` (the text config is switched to it at install,
@@ -168,6 +172,8 @@ class Prefill:
     length: int = 0  # T, the prefill's input length
     valid: torch.Tensor | None = None  # (B, T) bool, attention_mask of the prefill
     candidates: torch.Tensor | None = None  # (B, T) bool visual patch tokens
+    # (B, T) bool non-candidate slots a Reduction may remove (``drop_removable``: image newlines)
+    removable: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
     visual_before: list[int] = field(default_factory=list)  # per sample, visual patch tokens
     inputs: dict[str, Any] = field(default_factory=dict)  # the call's keyword arguments, for methods
@@ -376,6 +382,7 @@ class Engine:
             pre.visual_before = [0] * pre.batch
             return
         cand = self.adapter.candidate_mask(input_ids, kwargs) & valid
+        removable = self.adapter.removable_mask(input_ids, kwargs) & valid & ~cand
         counts = cand.sum(1).tolist()
         pre.visual_before = [int(c) for c in counts]
         if sum(counts) == 0:
@@ -389,6 +396,7 @@ class Engine:
         # Checked per call: another model sharing this config may have switched it back.
         pre.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
         pre.candidates = cand
+        pre.removable = removable if bool(removable.any()) else None
         pre.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
         pre.inputs["input_ids"] = input_ids
         self.method.prepare(self.model, self.adapter, pre.inputs, st.context)
@@ -547,7 +555,10 @@ class Engine:
             dev = hidden.device
             cos, sin = kwargs["position_embeddings"]
             positions = pre.positions.to(dev)
-            red.layout = initial_layout(pre.valid.to(dev), pre.candidates.to(dev), positions, cos, sin)
+            removable = None if pre.removable is None else pre.removable.to(dev)
+            red.layout = initial_layout(
+                pre.valid.to(dev), pre.candidates.to(dev), positions, cos, sin, removable=removable
+            )
             red.original_rope = (red.layout.cos, red.layout.sin)
             red.first_position = first_positions(pre.valid.to(dev), positions)  # for renumber
         lay = red.layout
@@ -565,19 +576,29 @@ class Engine:
             slots = torch.nonzero(valid_rows[b], as_tuple=False).flatten()  # (n,)
             vis = lay.visual[b, slots]
             vis_pos = torch.nonzero(vis, as_tuple=False).flatten()  # indices into slots
+            # the sample's removable non-candidate slots (image newlines), indices into slots
+            removable = None
+            if lay.removable is not None:
+                removable = torch.nonzero(lay.removable[b, slots], as_tuple=False).flatten()
             reduction = None
             if vis_pos.numel():
                 reduction = self._call_method(i, layer, b, hidden, slots, vis, vis_pos)
+            plan = plan_sample(
+                slots, vis_pos, lay.sizes[b, slots], reduction, layer=i, sample=b, removable=removable
+            )
+            plans.append(plan)
+            if reduction is not None:
                 orig_vis = lay.visual_index[b, slots[vis_pos]]
                 prev_b = previous[b] if previous is not None else None
-                step_records.append(step_record(i, reduction, orig_vis, pre.visual_before[b], prev_b))
+                step_records.append(
+                    step_record(i, reduction, orig_vis, pre.visual_before[b], prev_b, plan.removed_slots)
+                )
                 if self.config.position_mode == "mean" and reduction.kept.numel():
                     self._mean_positions(
                         b, slots, vis_pos, vis_pos[reduction.kept], reduction.labels.to(slots.device)
                     )
             else:
                 step_records.append(None)
-            plans.append(plan_sample(slots, vis_pos, lay.sizes[b, slots], reduction, layer=i, sample=b))
         packing = pack_batch(plans, old_length=hidden.shape[1])
         new_hidden = pack_hidden(hidden, packing)
         new = gather_layout(red.layout, packing)

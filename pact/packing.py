@@ -8,7 +8,9 @@ One reduction step, per batch::
 
     plan_sample(slots, vis_pos, sizes, reduction)   per sample: which old slots stay, in which order,
                                                     which rows are replaced or inserted, new sizes,
-                                                    old slot -> new position
+                                                    old slot -> new position (removable non-candidate
+                                                    slots, e.g. image newlines, go when the Reduction
+                                                    asks: ``drop_removable``)
     pack_batch(plans, old_length)                   left-pad the samples to a common length R'
     pack_hidden(hidden, packing)                    (B, R, D) -> (B, R', D), replaced/inserted rows
     gather_layout(layout, packing)                  the Layout of the new slots (no mask: the engine's)
@@ -45,6 +47,8 @@ class Layout:
     key_bias: (B, R) float32, 0 / log(size) / -inf (padding), added to every query's logit on a key.
     orig_to_slot: (B, T) long, slot holding the representative of each original position.
     mask: what layers >= L receive as attention_mask (None: the sdpa fast path, or not built yet).
+    removable: (B, R) bool, non-candidate slots a Reduction may remove with ``drop_removable``
+        (the adapter's ``removable_mask``: image newlines), or None when there are none.
     """
 
     slot_orig: torch.Tensor
@@ -57,6 +61,7 @@ class Layout:
     key_bias: torch.Tensor
     orig_to_slot: torch.Tensor
     mask: torch.Tensor | None = None
+    removable: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,6 +83,8 @@ class ReductionRecord:
             (``kept[order[0]]`` first), or None for sequence order (``Reduction.order``).
         extra: number of new tokens the step added after the kept visual tokens (``Reduction.extra``);
             they represent no original token, so ``labels`` never point to them.
+        removed_slots: non-candidate slots (image newlines) the step removed with the visual tokens
+            (``Reduction.drop_removable``); they are no visual tokens, so no other field counts them.
     """
 
     layer: int
@@ -87,6 +94,7 @@ class ReductionRecord:
     scores: torch.Tensor | None = None
     order: torch.Tensor | None = None
     extra: int = 0
+    removed_slots: int = 0
 
     def to_cpu(self) -> ReductionRecord:
         """A detached CPU copy (sizes and scores as float32)."""
@@ -98,6 +106,7 @@ class ReductionRecord:
             scores=None if self.scores is None else self.scores.detach().float().cpu(),
             order=None if self.order is None else self.order.detach().cpu(),
             extra=self.extra,
+            removed_slots=self.removed_slots,
         )
 
 
@@ -107,6 +116,7 @@ def step_record(
     orig_vis: torch.Tensor,
     num_original: int,
     previous: ReductionRecord | None,
+    removed_slots: int = 0,
 ) -> ReductionRecord:
     """One sample's step in original visual-token indices, composed with its previous step.
 
@@ -117,6 +127,7 @@ def step_record(
         num_original: N0, the sample's original visual tokens.
         previous: the sample's record of the previous step (None: this is its first step). The
             current visual tokens are exactly the tokens it kept (possibly reordered).
+        removed_slots: non-candidate slots the step removed (``SamplePlan.removed_slots``).
 
     Returns:
         ReductionRecord on ``orig_vis``'s device; ``labels`` (N0,) maps every original token to its
@@ -145,6 +156,7 @@ def step_record(
         scores=scores,
         order=reduction.order,
         extra=reduction.num_extra,
+        removed_slots=removed_slots,
     )
 
 
@@ -158,6 +170,7 @@ def initial_layout(
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    removable: torch.Tensor | None = None,
 ) -> Layout:
     """The unreduced layout of a prefill: slot t holds original token t.
 
@@ -166,6 +179,8 @@ def initial_layout(
         candidates: (B, T) bool, visual patch tokens (reduction candidates), False on padding.
         positions: (A, B, T) long rotary position ids.
         cos, sin: (B or 1, T, head_dim) rotary tables the model computed (expanded to B).
+        removable: (B, T) bool, non-candidate slots a Reduction may remove (image newlines), or
+            None (none). Never a candidate nor padding.
     """
     B, T = valid.shape
     dev = valid.device
@@ -180,6 +195,7 @@ def initial_layout(
         positions=positions,
         key_bias=torch.where(valid, 0.0, float("-inf")).float(),
         orig_to_slot=arange[None].expand(B, T).clone(),
+        removable=None if removable is None else removable & valid & ~candidates,
     )
 
 
@@ -217,6 +233,7 @@ class SamplePlan:
         of the nearest kept token before it, the first one if none).
     rows: (new positions (k,), hidden rows (k, D)) to write over the gathered hidden states:
         ``Reduction.hidden`` at the kept visual tokens, ``Reduction.extra`` at the new tokens.
+    removed_slots: how many removable non-candidate slots (image newlines) the plan removes.
     """
 
     slots: torch.Tensor
@@ -225,6 +242,7 @@ class SamplePlan:
     sizes: torch.Tensor
     target: torch.Tensor
     rows: list[tuple[torch.Tensor, torch.Tensor]]
+    removed_slots: int = 0
 
 
 def plan_sample(
@@ -235,13 +253,16 @@ def plan_sample(
     *,
     layer: int,
     sample: int,
+    removable: torch.Tensor | None = None,
 ) -> SamplePlan:
     """The new order of one sample after ``reduction``.
 
-    Non-visual tokens stay in sequence order; the kept visual ones stay in the slots the kept visual
+    Non-visual tokens stay in sequence order (except the ``removable`` ones when
+    ``reduction.drop_removable``: they go); the kept visual ones stay in the slots the kept visual
     tokens occupy, permuted by ``reduction.order``; ``reduction.extra`` tokens go right after the
     last kept visual token (where the last visual token was when none is kept). A removed token is
-    represented by its cluster's kept token, a dropped one by the nearest kept token before it.
+    represented by its cluster's kept token, a dropped one (or a removed non-candidate slot) by the
+    nearest kept token before it.
 
     Args:
         slots: (n,) long, the sample's valid slots in the old layout, increasing.
@@ -250,6 +271,8 @@ def plan_sample(
         reduction: the method's Reduction over the N visual tokens (validated), or None to keep
             every token (a sample without visual tokens).
         layer, sample: only for the error message.
+        removable: (M,) long, increasing indices into ``slots`` of the sample's removable
+            non-candidate slots (disjoint from ``vis_pos``), or None.
 
     Raises:
         ValueError: the step would leave the sample without any token.
@@ -270,12 +293,20 @@ def plan_sample(
             rep[vis_pos] = torch.where(labels >= 0, kept_pos[labels.clamp(min=0)], -1)
         else:  # every visual token removed
             rep[vis_pos] = -1
+    removed_slots = 0
+    if reduction is not None and reduction.drop_removable and removable is not None and removable.numel():
+        removable = removable.to(dev)
+        keep_flag[removable] = False
+        rep[removable] = -1  # represented by the nearest kept token before, as a dropped token
+        removed_slots = int(removable.numel())
     if not bool(keep_flag.any()):
         raise ValueError(
             f"the reduction at layer {layer} removed every token of sample {sample}; a prompt needs at "
             "least one non-visual token (or keep some visual tokens)"
         )
-    return _arrange(slots, keep_flag, rep, new_sizes, vis_pos, kept_pos, reduction)
+    plan = _arrange(slots, keep_flag, rep, new_sizes, vis_pos, kept_pos, reduction)
+    plan.removed_slots = removed_slots
+    return plan
 
 
 def _arrange(
@@ -389,6 +420,9 @@ def gather_layout(layout: Layout, packing: BatchPacking) -> Layout:
     mask is left to the engine (None)."""
     index, slot_ok = packing.index, packing.slot_ok
     visual = layout.visual.gather(1, index) & slot_ok & ~packing.is_new
+    removable = None
+    if layout.removable is not None:
+        removable = layout.removable.gather(1, index) & slot_ok & ~packing.is_new
     return Layout(
         slot_orig=torch.where(slot_ok, layout.slot_orig.gather(1, index), -1),
         visual=visual,
@@ -399,6 +433,7 @@ def gather_layout(layout: Layout, packing: BatchPacking) -> Layout:
         positions=layout.positions.gather(2, index[None].expand(layout.positions.shape[0], -1, -1)),
         key_bias=torch.where(slot_ok, packing.sizes.log(), float("-inf")).float(),
         orig_to_slot=packing.old_to_new.gather(1, layout.orig_to_slot),
+        removable=removable,
     )
 
 

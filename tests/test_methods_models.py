@@ -671,3 +671,21 @@ def test_prumerge_budget_adds_no_extra_token():
         model(**two_samples("llava"))
     pact.api.remove(model)
     assert [r.num_kept for r in reds] == [10, 10] and all(r.extra is None for r in reds)
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [("hired", "llava_next"), ("vispruner", "llava_next"), ("prumerge", "llava"), ("vispruner", "qwen2_vl")],
+)
+def test_vision_methods_generate_the_same_without_a_cache(name, family):
+    # generate(use_cache=False) runs every step as a prefill on the same pre-encoded vision outputs
+    # (the encoder runs once): the method must reuse that encoder's captured signals, and the tokens
+    # equal the cached generation's
+    model, _ = tiny6(family)
+    x = two_samples(family)
+    pact.api.apply(model, tiny_config(name))
+    with torch.no_grad():
+        cached = model.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        uncached = model.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert pact.api.stats(model).layers == [0]

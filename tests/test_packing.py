@@ -250,3 +250,95 @@ def test_record_to_cpu_is_a_detached_float_copy():
     cpu = rec.to_cpu()
     assert cpu.sizes.dtype == torch.float32 and not cpu.sizes.requires_grad
     assert cpu.scores is None and cpu.order is None and cpu.extra == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Removable non-candidate slots (image newlines): removed only when the Reduction asks
+
+# One sample, 8 valid slots (no padding): [t, v0, v1, nl, v2, v3, nl, t]; the newlines (nl) are
+# no visual tokens but removable.
+NL_SLOTS = torch.arange(8)
+NL_VIS = L([1, 2, 4, 5])
+NL_REMOVABLE = L([3, 6])
+
+
+def nl_red(drop: bool, extra: torch.Tensor | None = None) -> Reduction:
+    r = red([1, 2], [-1, 0, 1, -1], extra=extra)  # keep v1 and v2, drop v0 and v3
+    r.drop_removable = drop
+    return r
+
+
+def test_drop_removable_removes_the_newline_slots_and_maps_them_to_the_kept_token_before():
+    plan = plan_sample(
+        NL_SLOTS, NL_VIS, torch.ones(8), nl_red(True), layer=0, sample=0, removable=NL_REMOVABLE
+    )
+    # stays: t(0), v1(2), v2(4), t(7)
+    assert plan.source.tolist() == [0, 2, 4, 7]
+    assert plan.removed_slots == 2
+    # v0 -> t (new 0); v1 -> 1; nl(3) -> v1 (new 1); v2 -> 2; v3 and nl(6) -> v2 (new 2); t -> 3
+    assert plan.target.tolist() == [0, 0, 1, 1, 2, 2, 2, 3]
+
+
+def test_removable_slots_stay_unless_the_reduction_asks():
+    plan = plan_sample(
+        NL_SLOTS, NL_VIS, torch.ones(8), nl_red(False), layer=0, sample=0, removable=NL_REMOVABLE
+    )
+    assert plan.source.tolist() == [0, 2, 3, 4, 6, 7]  # both newlines stay
+    assert plan.removed_slots == 0
+    assert plan.target.tolist() == [0, 0, 1, 2, 3, 3, 4, 5]
+    # a sample without visual tokens has no Reduction: nothing is removed
+    none = plan_sample(NL_SLOTS, NL_VIS[:0], torch.ones(8), None, layer=0, sample=0, removable=NL_REMOVABLE)
+    assert none.source.tolist() == list(range(8)) and none.removed_slots == 0
+
+
+def test_new_tokens_go_after_the_last_kept_visual_token_when_newlines_are_removed():
+    extra = torch.full((1, 2), 9.0)
+    plan = plan_sample(
+        NL_SLOTS, NL_VIS, torch.ones(8), nl_red(True, extra), layer=0, sample=0, removable=NL_REMOVABLE
+    )
+    # t, v1, v2, new (reads v2's slot), t
+    assert plan.source.tolist() == [0, 2, 4, 4, 7]
+    assert plan.is_new.tolist() == [False, False, False, True, False]
+    assert plan.target.tolist() == [0, 0, 1, 1, 2, 2, 2, 4]
+
+
+def test_removing_every_slot_is_refused():
+    r = red([], [-1])
+    r.drop_removable = True
+    with pytest.raises(ValueError, match="removed every token of sample 2"):
+        plan_sample(L([0, 1]), L([0]), torch.ones(2), r, layer=0, sample=2, removable=L([1]))
+
+
+def test_layouts_carry_the_removable_slots_and_step_records_count_them():
+    # B=2, T=5. Sample 0: [pad, t, v, nl, t]; sample 1: [t, v, nl, v, nl].
+    valid = L([[False, True, True, True, True], [True] * 5])
+    cand = L([[False, False, True, False, False], [False, True, False, True, False]])
+    removable = L([[True, False, False, True, False], [False, True, True, False, True]])
+    positions = torch.arange(5).view(1, 1, 5).expand(1, 2, 5)
+    cos = torch.zeros(1, 5, 4)
+    lay = initial_layout(valid, cand, positions, cos, cos, removable=removable)
+    # padding and candidates are never removable
+    assert lay.removable.tolist() == [[False, False, False, True, False], [False, False, True, False, True]]
+    r0 = red([0], [0])
+    r0.drop_removable = True
+    plans = [
+        plan_sample(L([1, 2, 3, 4]), L([1]), torch.ones(4), r0, layer=0, sample=0, removable=L([2])),
+        plan_sample(
+            L([0, 1, 2, 3, 4]),
+            L([1, 3]),
+            torch.ones(5),
+            red([1], [-1, 0]),
+            layer=0,
+            sample=1,
+            removable=L([2, 4]),
+        ),
+    ]
+    new = gather_layout(lay, pack_batch(plans, old_length=5))
+    # R' = 4. sample 0: pad, t, v, t (its newline removed); sample 1: t, nl, v, nl (v0 dropped)
+    assert new.slot_orig.tolist() == [[-1, 1, 2, 4], [0, 2, 3, 4]]
+    assert new.removable.tolist() == [[False] * 4, [False, True, False, True]]
+    # sample 0's newline (orig 3) -> the kept v before it; sample 1's dropped v0 -> the text before
+    assert new.orig_to_slot.tolist() == [[0, 1, 2, 2, 3], [0, 0, 1, 2, 3]]
+    rec = step_record(0, r0, L([0]), 1, None, plans[0].removed_slots)
+    assert rec.removed_slots == 1 and rec.to_cpu().removed_slots == 1
+    assert plans[1].removed_slots == 0

@@ -93,11 +93,17 @@ def stock_embeds(model, x) -> torch.Tensor:
 
 
 def shortened(
-    model, x, record, extra: torch.Tensor, merged: torch.Tensor | None = None
+    model,
+    x,
+    record,
+    extra: torch.Tensor,
+    merged: torch.Tensor | None = None,
+    left_out: frozenset = frozenset(),
 ) -> tuple[list[int], torch.Tensor]:
     """The official construction of a vision-side method for sample 0 of ``x``: pruned visual tokens
     physically removed, the kept ones in ``record.order`` (with the hidden states ``merged[r]`` of
-    kept token r when given), the new tokens right after them.
+    kept token r when given), the new tokens right after them; the non-visual sequence indices in
+    ``left_out`` (image newlines) left out too.
 
     Returns (source, embeds): source[r] = original sequence index of row r (-1 for a new token) and
     the (R', D) input embeddings of the short sequence."""
@@ -115,7 +121,7 @@ def shortened(
             k += 1
             if k == len(placed):
                 source.extend([-1] * extra.shape[0])
-        elif not visual[t]:
+        elif not visual[t] and t not in left_out:
             source.append(t)
     if merged is not None:
         embeds = embeds.clone()
@@ -139,6 +145,32 @@ def mrope_positions(model, x) -> torch.Tensor:
         attention_mask=x["attention_mask"],
     )
     return rope
+
+
+def stock_mrope_greedy(
+    model, embeds: torch.Tensor, positions: torch.Tensor, next_id: int, n: int
+) -> torch.Tensor:
+    """(n,) greedy tokens of the stock text model fed ``embeds`` (R, D) at M-RoPE ``positions``
+    (3, 1, R), then decoding with every axis at ``next_id``, ``next_id + 1``, ... (the official
+    Qwen ports: cache position + rope_deltas of the full prompt)."""
+    from transformers import DynamicCache
+
+    text_model = get_adapter(model).text_model
+    cache = DynamicCache(config=model.config.get_text_config())
+    tokens = []
+    with torch.no_grad():
+        out = text_model(
+            inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        for k in range(n):
+            token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)  # (1,)
+            tokens.append(token)
+            if k + 1 == n:
+                break
+            pos = torch.full((3, 1, 1), next_id + k, dtype=torch.long)
+            step = model.get_input_embeddings()(token)[:, None]
+            out = text_model(inputs_embeds=step, position_ids=pos, past_key_values=cache, use_cache=True)
+    return torch.cat(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +206,11 @@ def test_renumber_at_layer_0_equals_stock_model_on_shortened_input(family, attn)
         stock = model.lm_head(hidden)[0]
     rows = [r for r, t in enumerate(source) if t >= 0]
     torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
-    if family not in MROPE:  # decoding continues from the reduced length
+    if family in MROPE:
+        # the ports decode stock: cache position (unreduced timeline) + rope_deltas of the full
+        # prompt, i.e. every axis continues from the full prompt's largest id + 1
+        assert torch.equal(stock_mrope_greedy(model, short, positions, int(full.max()) + 1, 3), reduced_gen)
+    else:  # decoding continues from the reduced length
         with torch.no_grad():
             out = model.generate(
                 inputs_embeds=short[None],
@@ -515,3 +551,96 @@ def test_bundled_prumerge_equals_stock_model_on_its_official_short_sequence(plus
         stock = model.lm_head(hidden)[0]
     rows = [r for r, t in enumerate(source) if t >= 0]
     torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HiRED removes LLaVA-NeXT's image newlines (official: image_newline=None)
+
+NEWLINE_FAMILIES = ("llava_next", "llava_onevision")
+
+
+def newline_slots(model, x) -> torch.Tensor:
+    """(B, T) bool: the image-newline slots, from the model itself (rows equal to image_newline),
+    independent of the adapter's layout arithmetic."""
+    return testing.placeholder_mask(testing.family_of(model), x) & ~testing.patch_token_mask(model, x)
+
+
+@pytest.mark.parametrize("newlines", ["remove", "keep"])
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("family", NEWLINE_FAMILIES)
+def test_bundled_hired_equals_stock_model_on_its_official_short_sequence(family, attn, newlines):
+    """hired.json end to end: the official code packs the kept patch tokens (base image, then the
+    crop grid, in raster order) WITHOUT image newlines and numbers the short sequence 0..R-1; the
+    engine gives the same logits and greedy tokens as the stock model fed that sequence.
+    ``hired_newlines="keep"``: the newline slots stay, renumbered with the rest."""
+    model, _ = model_for(family, attn)
+    x = inputs_for(family, [one_image(family)])
+    nl = newline_slots(model, x)[0]
+    assert int(nl.sum()) > 0
+    pact.api.apply(model, pact.load_config("hired", hired_newlines=newlines))
+    with torch.no_grad():
+        reduced = model(**x).logits[0]
+    reduced_gen = greedy(model, x, n=4)[0]
+    st = pact.api.stats(model)
+    record = st.records[0][0]
+    layout_length = int((pact.api.engine_of(model).layout.slot_orig >= 0).sum())
+    pact.api.remove(model)
+    removed = int(nl.sum()) if newlines == "remove" else 0
+    assert record.removed_slots == removed
+    assert layout_length == x["input_ids"].shape[1] - st.visual_before[0] + st.visual_after[0] - removed
+
+    left_out = frozenset(nl.nonzero().flatten().tolist()) if newlines == "remove" else frozenset()
+    hidden_dim = model.config.get_text_config().hidden_size
+    source, short = shortened(model, x, record, torch.zeros(0, hidden_dim), left_out=left_out)
+    assert len(source) == layout_length
+    with torch.no_grad():
+        hidden = get_adapter(model).text_model(inputs_embeds=short[None]).last_hidden_state
+        stock = model.lm_head(hidden)[0]
+    rows = list(range(len(source)))
+    torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        out = model.generate(
+            inputs_embeds=short[None],
+            attention_mask=torch.ones(1, short.shape[0], dtype=torch.long),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+        )
+    assert torch.equal(out[0, -4:], reduced_gen)
+
+
+@pytest.mark.parametrize(
+    ("position_mode", "layer"), [("renumber", 0), ("renumber", L), ("center", 0), ("center", L)]
+)
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("family", NEWLINE_FAMILIES)
+def test_hired_newline_removal_keeps_the_engine_guarantees(family, attn, position_mode, layer):
+    """Newline slots removed with the pruned tokens: cached == uncached, a batch (left padding, a
+    text-only sample) equals its samples run one by one, and a text-only prompt afterwards is stock."""
+    model, _ = model_for(family, attn)
+    text = inputs_for(family, [{"question": "What color is the sky?"}])
+    with torch.no_grad():
+        stock = model(**text).logits
+    samples = [*two_samples(family), {"question": "Is there a red circle on the left? Answer yes or no."}]
+    x = inputs_for(family, samples)
+    assert not x["attention_mask"].all()  # left padding present
+    newlines = newline_slots(model, x).sum(1).tolist()  # before apply: it runs the vision tower
+    cfg = pact.load_config("hired", position_mode=position_mode, layer=layer)
+    pact.api.apply(model, cfg)
+    batch = greedy(model, x, n=4)
+    st = pact.api.stats(model)
+    assert [r.removed_slots if r is not None else 0 for r in st.records[0]] == newlines
+    assert newlines[0] > 0 and newlines[2] == 0
+    # uncached: the prompt and the generated tokens in one prefill (teacher forcing), and generate
+    # without a cache
+    full = dict(x)
+    full["input_ids"] = torch.cat([x["input_ids"], batch[:, :-1]], dim=1)
+    full["attention_mask"] = torch.cat([x["attention_mask"], torch.ones_like(batch[:, :-1])], dim=1)
+    with torch.no_grad():
+        uncached = model(**full).logits[:, x["input_ids"].shape[1] - 1 :].argmax(-1)
+    assert torch.equal(uncached, batch)
+    assert torch.equal(greedy(model, x, n=4, use_cache=False), batch)
+    for b, s in enumerate(samples):
+        assert torch.equal(batch[b], greedy(model, inputs_for(family, [s]), n=4)[0]), f"sample {b}"
+    with torch.no_grad():
+        assert torch.equal(model(**text).logits, stock)

@@ -308,6 +308,10 @@ class VisionMethod(Method):
                 f"{self.name} selects tokens once from the vision encoder: set progressive=false"
             )
         self.capture: VisionCapture | None = None
+        # the rows the last prefill consumed and the pre-encoded outputs they belong to: generate
+        # without a cache runs every step as a prefill on the same ``mm_encoder_outputs`` and the
+        # encoder only once (see `captured`)
+        self._consumed: tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def signal_layers(self, probe: VisionProbe) -> dict[str, int | SignalSpec]:
         """Signal name -> vision-encoder layer (or `SignalSpec`) whose [CLS] attention (or
@@ -353,6 +357,11 @@ class VisionMethod(Method):
         ctx = signals.context
         if "pact.vision.rows" not in ctx:
             records = self.capture.records if self.capture is not None else []
+            encoded = _encoder_outputs(signals.inputs)
+            if not records and self._consumed is not None and _same_tensors(self._consumed[0], encoded):
+                # a later step of generate(use_cache=False): the same encoder outputs, encoder not rerun
+                ctx["pact.vision.rows"] = self._consumed[1]
+                return ctx["pact.vision.rows"]
             if not records:
                 raise ValueError(
                     f"{self.name} found no captured vision-encoder output for this prefill: the visual "
@@ -366,6 +375,7 @@ class VisionMethod(Method):
                 **{n: torch.cat([r["values"][n] for r in records]) for n in names},
             }
             self.capture.clear()  # consumed by this prefill
+            self._consumed = (encoded, ctx["pact.vision.rows"]) if encoded else None
         return ctx["pact.vision.rows"]
 
     def token_signals(self, signals: Signals) -> dict[str, torch.Tensor]:
@@ -390,6 +400,23 @@ class VisionMethod(Method):
     def keep_total(self, n: int) -> int:
         target = target_count(self.config, n)
         return keep_count(n, float(self.config.keep_ratio)) if target is None else target
+
+
+def _encoder_outputs(inputs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of the pre-encoded vision outputs ``generate`` passes (``mm_encoder_outputs``:
+    per modality a ``pooler_output`` tensor or list of tensors), [] when the call has none."""
+    encoded = inputs.get("mm_encoder_outputs") or {}
+    tensors: list[torch.Tensor] = []
+    for modality in sorted(encoded):
+        out = getattr(encoded[modality], "pooler_output", None)
+        items = out if isinstance(out, (list, tuple)) else [out]
+        tensors.extend(t for t in items if isinstance(t, torch.Tensor))
+    return tensors
+
+
+def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """The same tensor objects (identity, not values: held references, so no id is reused)."""
+    return bool(a) and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 VisionMethod.families = tuple(
@@ -639,6 +666,10 @@ class HiRED(VisionMethod):
     video frames) keep their top ``int(V * keep_ratio)``. A visual token stays when the encoder token
     it was built from was selected: tokens lost to unpadding are not replaced, as in the official code.
 
+    The official code packs the selected tokens without LLaVA-NeXT's image newlines
+    (``image_newline=None``): the Reduction asks the engine to remove them (``drop_removable``;
+    LLaVA-OneVision's newlines likewise); ``hired_newlines="keep"`` leaves them in place.
+
     Options: ``hired_layout="spatial"`` (a base token counts for the crop covering it). With a budget
     (``target_tokens`` / ``target_ratio``) the sample's budget is split over its images by token
     count, each image's split uses the same base/sub-image rule with the remainder handed out, over
@@ -768,4 +799,7 @@ class HiRED(VisionMethod):
                 self._budget_image(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)
             ]
             kept_all = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=device)
-        return pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])
+        red = pruned_reduction(kept_all, n, signals.sizes, sig["attn"][:, 0])
+        # The official code packs the selected tokens without image newlines (image_newline=None).
+        red.drop_removable = getattr(self.config, "hired_newlines", "remove") == "remove"
+        return red

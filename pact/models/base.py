@@ -268,6 +268,13 @@ class ModelAdapter:
             mask |= input_ids == tid
         return mask
 
+    def removable_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(B, T) bool: non-candidate slots inside the visual spans that a method may remove together
+        with visual tokens (``Reduction.drop_removable``), e.g. image newlines, which an official
+        vision-side code may leave out of the sequence it builds. Never a candidate. Default: none.
+        """
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
     # --- visual token grids ---------------------------------------------------------------------
 
     def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:

@@ -2,7 +2,8 @@
 
 The ``<image>`` span of an anyres image is: the base crop's patches, then the unpadded crop grid
 row by row with one ``image_newline`` embedding after each row. The newline slots are not visual
-patches and are never reduction candidates; ``image_newline_flags`` recomputes where they are from
+patches and are never reduction candidates (a method may remove them: ``removable_mask``);
+``image_newline_flags`` recomputes where they are from
 ``image_sizes`` and the grid pinpoints with the same functions transformers' ``pack_image_features``
 uses, so the layout cannot drift from the model's.
 """
@@ -127,6 +128,11 @@ class LlavaNextAdapter(ModelAdapter):
 
     def candidate_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
         return super().candidate_mask(input_ids, inputs) & ~self.newline_mask(input_ids, inputs)
+
+    def removable_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The image-newline slots (``newline_mask``; LLaVA-OneVision: its video newline too): HiRED's
+        official code builds its sequence without them (``image_newline=None``)."""
+        return self.newline_mask(input_ids, inputs)
 
     def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
         """Per sample: each image's base crop (side x side), then its unpadded crop grid (rows x cols;

@@ -3,7 +3,7 @@
 Image spans are laid out like LLaVA-NeXT (base crop, then the unpadded grid with a newline after each
 row, the grid bilinearly shrunk beyond ``anyres_max_N``); an image of a multi-image sample is one
 crop followed by one newline. A video span is all frames' pooled patches followed by one newline.
-Newline slots are never reduction candidates.
+Newline slots are never reduction candidates (a method may remove them: ``removable_mask``).
 """
 
 from __future__ import annotations

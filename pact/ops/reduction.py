@@ -37,6 +37,11 @@ class Reduction:
             size 1 and represents no original token (``labels`` never point to it). With
             ``position_mode="renumber"`` they get the next contiguous positions; with center/mean the
             position of the kept visual token right before them.
+        drop_removable: also remove the sample's *removable* non-candidate slots in this step: the
+            slots inside its visual spans that the model family marks as removable
+            (``ModelAdapter.removable_mask``: LLaVA-NeXT / -OneVision image newlines). They are no
+            visual tokens (``kept``/``labels`` never index them); a removed slot is represented, like
+            a dropped token, by the nearest kept token before it. False: they stay (the default).
     """
 
     kept: torch.Tensor
@@ -46,6 +51,7 @@ class Reduction:
     scores: torch.Tensor | None = None
     order: torch.Tensor | None = None
     extra: torch.Tensor | None = None
+    drop_removable: bool = False
 
     @property
     def num_kept(self) -> int:
@@ -91,6 +97,10 @@ class Reduction:
                 )
             if order.numel() and not torch.equal(torch.sort(order).values.cpu(), torch.arange(order.numel())):
                 raise ValueError(f"Reduction.order must be a permutation of range({kept.numel()})")
+        if not isinstance(self.drop_removable, bool):
+            raise ValueError(
+                f"Reduction.drop_removable must be a bool, got {type(self.drop_removable).__name__}"
+            )
         if self.extra is not None:
             extra = self.extra
             if extra.dim() != 2 or not extra.is_floating_point():
