@@ -154,6 +154,11 @@ class PactConfig:
     vision_features: str = "encoder"
     """VisPruner similarity / PruMerge merge features: the "encoder" selected-layer outputs (projector
     input, official) or the "projector" outputs (LLM input embeddings)."""
+    dart_pivot_image_tokens: int = 4
+    """DART: visual pivot tokens (largest L1 norm of their layer L-1 keys); kept, and each takes its
+    share of the least-similar tokens."""
+    dart_pivot_text_tokens: int = 4
+    """DART: text pivot tokens (largest key L1 norm among the tokens after the last visual token)."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -382,6 +387,8 @@ _RULES: dict[str, _Rule] = {
     "vispruner_scope": _choice("crop", "sample"),
     "vispruner_dtype": _choice("model", "float32"),
     "vision_features": _choice("encoder", "projector"),
+    "dart_pivot_image_tokens": _at_least(0),
+    "dart_pivot_text_tokens": _at_least(0),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
@@ -465,6 +472,16 @@ def _combination_problems(c: PactConfig) -> list[str]:
     if c.custom_reduction_fn is not None and c.clustering != "custom":
         problems.append(
             f"custom_reduction_fn is only used with clustering='custom' (got clustering={c.clustering!r})"
+        )
+    if c.pruning == "dart" and c.layer < 1:
+        problems.append(
+            "pruning='dart' reads the keys of layer L-1 and prunes before layer L, so layer must be >= 1 "
+            f"(got layer={c.layer}; the official K is 2)"
+        )
+    if c.pruning == "dart" and c.dart_pivot_image_tokens + c.dart_pivot_text_tokens == 0:
+        problems.append(
+            "pruning='dart' needs at least one pivot: dart_pivot_image_tokens + dart_pivot_text_tokens "
+            "must be >= 1 (official: 4 + 4)"
         )
     # Deliberately allowed: retrieval without pruning or without dbdpc (it then has nothing to do),
     # position_mode / proportional_attention with a pruning-only method (every size is 1).
