@@ -41,6 +41,7 @@ PAIRS_BEFORE = {
     # issue 14 (the 2025-26 method pack), each registered by its own method file
     ("divprune", "none"): "DivPrune",
     ("dart", "none"): "DART",
+    ("v2drop", "none"): "V2Drop",
 }
 
 
