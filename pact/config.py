@@ -166,6 +166,13 @@ class PactConfig:
     """V2Drop: per stage, the fraction of the CURRENT visual tokens kept (at least one token)."""
     v2drop_depth: int = 32
     """V2Drop: depth the layers are given for (scaled to the model's depth); 0 = absolute layers."""
+    pdrop_layers: str = "8,16,24"
+    """PyramidDrop: comma-separated decoder layers before which tokens are dropped, given for a model
+    of pdrop_depth layers."""
+    pdrop_keep_ratios: str = "0.5,0.25,0.125"
+    """PyramidDrop: per stage, the fraction of the ORIGINAL visual tokens kept."""
+    pdrop_depth: int = 32
+    """PyramidDrop: depth the layers are given for (scaled to the model's depth); 0 = absolute layers."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -407,6 +414,9 @@ _RULES: dict[str, _Rule] = {
     "v2drop_layers": _LAYER_LIST,
     "v2drop_keep_ratios": _RATIO_LIST,
     "v2drop_depth": _at_least(0),
+    "pdrop_layers": _LAYER_LIST,
+    "pdrop_keep_ratios": _RATIO_LIST,
+    "pdrop_depth": _at_least(0),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
@@ -502,6 +512,7 @@ def _combination_problems(c: PactConfig) -> list[str]:
             "must be >= 1 (official: 4 + 4)"
         )
     problems.extend(_schedule_problems("v2drop", c.v2drop_layers, c.v2drop_keep_ratios))
+    problems.extend(_schedule_problems("pdrop", c.pdrop_layers, c.pdrop_keep_ratios))
     # Deliberately allowed: retrieval without pruning or without dbdpc (it then has nothing to do),
     # position_mode / proportional_attention with a pruning-only method (every size is 1).
     return problems

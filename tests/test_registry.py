@@ -42,6 +42,7 @@ PAIRS_BEFORE = {
     ("divprune", "none"): "DivPrune",
     ("dart", "none"): "DART",
     ("v2drop", "none"): "V2Drop",
+    ("pdrop", "none"): "PyramidDrop",
 }
 
 
