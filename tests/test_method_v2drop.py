@@ -115,3 +115,28 @@ def test_v2drop_refuses_bad_settings():
         pact.api.apply(model, pact.load_config("v2drop", v2drop_depth=0))
     with pytest.raises(ValueError, match="set progressive=false"):
         pact.api.apply(model, pact.load_config("v2drop", progressive=True))
+
+
+def test_later_stage_reads_the_reduced_models_own_layer_change():
+    # stages before layers 2 and 3 (absolute): at layer 3 the variation is between the hidden states
+    # the REDUCED model feeds layer 3 and layer 2 (after the drop at 2), read here from the model's
+    # own output_hidden_states: hidden_states[i] is the output of layer i - 1.
+    model, _ = model_for("llava")
+    x = inputs_for("llava", [one_image("llava")])
+    cfg = pact.load_config("v2drop", v2drop_layers="2,3", v2drop_keep_ratios="0.5,0.5", v2drop_depth=0)
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        hs = model(**x, output_hidden_states=True).hidden_states
+    st = pact.api.stats(model)
+    assert st.layers == [1, 2, 3]
+    visual = testing.patch_token_mask(model, x)[0]
+    vis_pos = visual.nonzero().flatten()
+    kept2 = st.records[1][0].kept  # original visual indices kept at layer 2
+    keep = ~visual
+    keep[vis_pos[kept2]] = True
+    rows_after = torch.searchsorted(keep.nonzero().flatten(), vis_pos[kept2])  # their rows after layer 2
+    prev = hs[2][0, vis_pos[kept2]]  # input of layer 2 (identity layout), rows of the kept tokens
+    cur = hs[3][0, rows_after]  # input of layer 3
+    change = (cur.float() - prev.float()).norm(dim=-1)
+    want = kept2[change.topk(kept2.numel() // 2).indices].sort().values
+    assert st.records[2][0].kept.tolist() == want.tolist()

@@ -16,7 +16,8 @@ float32, from the layer's recomputed q/k), so the method runs on sdpa; the row e
 model returns with ``output_attentions`` (tests).
 
 Config: ``pdrop_layers`` (given for a model of ``pdrop_depth`` layers, scaled to the model's depth),
-``pdrop_keep_ratios`` (of the original count). ``layer`` and ``progressive`` are not used.
+``pdrop_keep_ratios`` (of the original count). ``layer`` is not used and ``progressive: true`` is
+refused.
 
 Budget (``target_tokens`` K / ``target_ratio``): stage s keeps ``int(N * lambda^s)`` (the pyramid of
 the paper), lambda the largest whose mean visual count over the layers from the first stage to the

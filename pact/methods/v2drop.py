@@ -11,10 +11,10 @@ with their original position ids (``position_mode: "center"``). Its Qwen2-VL por
 ``v2drop_depth=28``).
 
 Config: ``v2drop_layers`` (for a model of ``v2drop_depth`` layers, scaled to the model's depth,
-``pact.ops.stages.scale_layers``), ``v2drop_keep_ratios``. ``layer`` and ``progressive`` are not
-used. The variation needs the input of layer L-1 for the tokens present at L: the method also runs
-at every layer L-1 (an identity step that records those hidden states), so ``pact.stats(...).layers``
-lists L-1 and L.
+``pact.ops.stages.scale_layers``), ``v2drop_keep_ratios``. ``layer`` is not used and
+``progressive: true`` is refused. The variation needs the input of layer L-1 for the tokens present
+at L: the method also runs at every layer L-1 (an identity step that records those hidden states),
+so ``pact.stats(...).layers`` lists L-1 and L.
 
 Budget (``target_tokens`` K / ``target_ratio``): every stage keeps the same fraction lambda of the
 current tokens, lambda chosen so that the mean visual count over the layers from the first stage on
