@@ -130,3 +130,21 @@ def test_dart_refuses_bad_settings():
     model, _ = model_for("llava")
     with pytest.raises(ValueError, match="set progressive=false"):
         pact.api.apply(model, pact.load_config("dart", progressive=True))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_dart_keeps_original_positions(family):
+    # the official code gathers the kept tokens' position ids (LLaVA: keep_indexs; Qwen: the (t, h, w)
+    # triples): position_mode "center", the default of dart.json
+    model, _ = model_for(family)
+    x = inputs_for(family, [one_image(family)])
+    pact.api.apply(model, pact.load_config("dart", keep_ratio=0.5))
+    assert pact.load_config("dart").position_mode == "center"
+    with torch.no_grad():
+        model(**x)
+    engine = pact.api.engine_of(model)
+    lay = engine.layout
+    valid = lay.slot_orig[0] >= 0
+    original = engine.state.prefill.positions[:, 0]  # (A, T) the stock positions of the prompt
+    assert torch.equal(lay.positions[:, 0, valid], original[:, lay.slot_orig[0, valid]])
+    assert int(valid.sum()) < x["input_ids"].shape[1]
