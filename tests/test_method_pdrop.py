@@ -15,7 +15,7 @@ import pact.api
 from pact import testing
 from pact.methods.base import Signals, build_method
 from pact.methods.pdrop import pyramid
-from pact.ops.stages import absolute_counts, budget_counts, layer_mean_from, scale_layers
+from pact.ops.stages import absolute_counts, budget_counts, layer_mean_from, relative_counts, scale_layers
 
 
 def test_official_schedule_counts_and_depth_scaling():
@@ -119,3 +119,29 @@ def test_pdrop_refuses_bad_settings():
         pact.api.apply(model, pact.load_config("pdrop", pdrop_depth=0))
     with pytest.raises(ValueError, match="set progressive=false"):
         pact.api.apply(model, pact.load_config("pdrop", progressive=True))
+
+
+@pytest.mark.parametrize("name", ["pdrop", "v2drop"])
+def test_budget_is_met_as_a_layer_mean_on_a_model(name):
+    # the 4-layer tiny model: PyramidDrop's 8, 16, 24 of 32 scale to layers 1, 2, 3; V2Drop's 3 of 32
+    # would land on layer 0 (refused: it needs a previous layer), so it gets absolute layers 1, 2, 3
+    model, _ = model_for("qwen2_vl")
+    x = inputs_for("qwen2_vl", [one_image("qwen2_vl", 0), one_image("qwen2_vl", 1, size=(64, 120))])
+    extra = {"v2drop_layers": "1,2,3", "v2drop_depth": 0} if name == "v2drop" else {}
+    cfg = pact.load_config(name, target_tokens=7, **extra)
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    stages = [1, 2, 3]
+    for b, before in enumerate(st.visual_before):
+        counts = [
+            len(step[b].kept) for step, layer in zip(st.records, st.layers, strict=True) if layer in stages
+        ]
+        assert layer_mean_from(before, counts, stages, 4) <= 7
+        if name == "pdrop":  # the run follows the pyramid schedule solved for the budget
+            assert counts == budget_counts(before, 7, stages, 4, lambda lam, n=before: pyramid(n, lam, 3))
+        else:
+            assert counts == budget_counts(
+                before, 7, stages, 4, lambda lam, n=before: relative_counts(n, [lam] * 3)
+            )
