@@ -144,3 +144,20 @@ def test_divprune_refuses_settings_it_would_ignore():
     model, _ = model_for("llava")
     with pytest.raises(ValueError, match="layer=40 but the model has only"):
         pact.api.apply(model, pact.load_config("divprune", layer=40))
+
+
+def test_divprune_selects_once_over_every_image_of_a_sample():
+    model, _ = model_for("qwen2_vl")
+    sample = {
+        "question": "Compare the two pictures.",
+        "images": [testing.sample_image(0, size=(96, 64)), testing.sample_image(1, size=(64, 120))],
+    }
+    x = inputs_for("qwen2_vl", [sample])
+    embeds = layer_input(model, x, 0)
+    visual = testing.patch_token_mask(model, x)
+    pact.api.apply(model, pact.load_config("divprune", keep_ratio=0.25))
+    with torch.no_grad():
+        model(**x)
+    rows = embeds[0, visual[0]]
+    want = sorted(official_divprune(rows, round(0.25 * rows.shape[0])))
+    assert pact.api.stats(model).records[0][0].kept.tolist() == want
