@@ -160,6 +160,25 @@ class PactConfig:
     hired_newlines: str = "remove"
     """HiRED: LLaVA-NeXT / -OneVision image-newline slots are removed with the pruned tokens
     ("remove", official: ``image_newline=None``) or "keep" them in the sequence."""
+    dart_pivot_image_tokens: int = 4
+    """DART: visual pivot tokens (largest L1 norm of their layer L-1 keys); kept, and each takes its
+    share of the least-similar tokens."""
+    dart_pivot_text_tokens: int = 4
+    """DART: text pivot tokens (largest key L1 norm among the tokens after the last visual token)."""
+    v2drop_layers: str = "3,17,22"
+    """V2Drop: comma-separated decoder layers before which tokens are dropped, given for a model of
+    v2drop_depth layers."""
+    v2drop_keep_ratios: str = "0.5,0.5,0"
+    """V2Drop: per stage, the fraction of the CURRENT visual tokens kept (at least one token)."""
+    v2drop_depth: int = 32
+    """V2Drop: depth the layers are given for (scaled to the model's depth); 0 = absolute layers."""
+    pdrop_layers: str = "8,16,24"
+    """PyramidDrop: comma-separated decoder layers before which tokens are dropped, given for a model
+    of pdrop_depth layers."""
+    pdrop_keep_ratios: str = "0.5,0.25,0.125"
+    """PyramidDrop: per stage, the fraction of the ORIGINAL visual tokens kept."""
+    pdrop_depth: int = 32
+    """PyramidDrop: depth the layers are given for (scaled to the model's depth); 0 = absolute layers."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -358,6 +377,14 @@ _HOOK = _Rule(
     pattern_doc='"package.module:function"',
 )
 
+# Comma-separated lists (schedules of progressive methods), checked further in _combination_problems.
+_LAYER_LIST = _Rule(str, pattern=r"\d+(,\d+)*", pattern_doc='comma-separated layer indices, e.g. "3,17,22"')
+_RATIO_LIST = _Rule(
+    str,
+    pattern=r"\d+(\.\d*)?(,\d+(\.\d*)?)*",
+    pattern_doc='comma-separated fractions in [0, 1], e.g. "0.5,0.25"',
+)
+
 _RULES: dict[str, _Rule] = {
     # selection
     "reduction": _BOOL,
@@ -389,6 +416,14 @@ _RULES: dict[str, _Rule] = {
     "vispruner_dtype": _choice("model", "float32"),
     "vision_features": _choice("encoder", "projector"),
     "hired_newlines": _choice("remove", "keep"),
+    "dart_pivot_image_tokens": _at_least(0),
+    "dart_pivot_text_tokens": _at_least(0),
+    "v2drop_layers": _LAYER_LIST,
+    "v2drop_keep_ratios": _RATIO_LIST,
+    "v2drop_depth": _at_least(0),
+    "pdrop_layers": _LAYER_LIST,
+    "pdrop_keep_ratios": _RATIO_LIST,
+    "pdrop_depth": _at_least(0),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
@@ -473,9 +508,39 @@ def _combination_problems(c: PactConfig) -> list[str]:
         problems.append(
             f"custom_reduction_fn is only used with clustering='custom' (got clustering={c.clustering!r})"
         )
+    if c.pruning == "dart" and c.layer < 1:
+        problems.append(
+            "pruning='dart' reads the keys of layer L-1 and prunes before layer L, so layer must be >= 1 "
+            f"(got layer={c.layer}; the official K is 2)"
+        )
+    if c.pruning == "dart" and c.dart_pivot_image_tokens + c.dart_pivot_text_tokens == 0:
+        problems.append(
+            "pruning='dart' needs at least one pivot: dart_pivot_image_tokens + dart_pivot_text_tokens "
+            "must be >= 1 (official: 4 + 4)"
+        )
+    problems.extend(_schedule_problems("v2drop", c.v2drop_layers, c.v2drop_keep_ratios))
+    problems.extend(_schedule_problems("pdrop", c.pdrop_layers, c.pdrop_keep_ratios))
     # Deliberately allowed: retrieval without pruning or without dbdpc (it then has nothing to do),
     # position_mode / proportional_attention with a pruning-only method (every size is 1).
     return problems
+
+
+def _schedule_problems(method: str, layers: str, ratios: str) -> list[str]:
+    """A progressive method's stage layers and keep ratios: as many ratios as layers, layers strictly
+    increasing, ratios in [0, 1] (the formats are checked by the field rules)."""
+    lay = [int(v) for v in layers.split(",")]
+    rat = [float(v) for v in ratios.split(",")]
+    out = []
+    if len(lay) != len(rat):
+        out.append(
+            f"{method}_layers={layers!r} has {len(lay)} stages but {method}_keep_ratios={ratios!r} has "
+            f"{len(rat)} ratios: give one ratio per stage layer"
+        )
+    if lay != sorted(set(lay)):
+        out.append(f"{method}_layers={layers!r} must be strictly increasing")
+    if any(r > 1.0 for r in rat):
+        out.append(f"{method}_keep_ratios={ratios!r}: every ratio must be in [0, 1]")
+    return out
 
 
 def _label(key: str, field_name: str | None = None) -> str:

@@ -38,6 +38,11 @@ PAIRS_BEFORE = {
     ("none", "prumerge"): "PruMerge",
     ("none", "pooling"): "SpatialPooling",
     ("none", "tome"): "ToMe",
+    # issue 14 (the 2025-26 method pack), each registered by its own method file
+    ("divprune", "none"): "DivPrune",
+    ("dart", "none"): "DART",
+    ("v2drop", "none"): "V2Drop",
+    ("pdrop", "none"): "PyramidDrop",
 }
 
 
