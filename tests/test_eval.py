@@ -96,6 +96,16 @@ def test_reference_layer():
     assert M.reference_layer({"layer": 3, "pruning": "euti"}) == 3
     assert M.reference_layer({"layer": 0, "pruning": "withdraw", "vtw_equivalent_layer": 4}) == 4
     assert M.reference_layer({"layer": 0, "clustering": "tome", "tome_equivalent_layer": 4}) == 4
+    # Stage schedules: the first stage, scaled to the model's depth as the method runs it.
+    from pact.config import load_config
+    from pact.methods.pdrop import PyramidDrop
+    from pact.methods.v2drop import V2Drop
+
+    v2drop, pdrop = load_config("v2drop"), load_config("pdrop")
+    for n_layers in (8, 28, 32):
+        assert M.reference_layer(v2drop.to_dict(), n_layers) == V2Drop(v2drop).stages(n_layers)[0]
+        assert M.reference_layer(pdrop.to_dict(), n_layers) == PyramidDrop(pdrop).layers(n_layers)[0]
+    assert M.reference_layer(pdrop.to_dict(), 32) == 8 and M.reference_layer(v2drop.to_dict(), 32) == 3
 
 
 def test_memory_meter_cpu_reports_reset_peak():

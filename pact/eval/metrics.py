@@ -142,14 +142,25 @@ def method_label(config: Mapping[str, Any]) -> str:
     return name + ("_progressive" if config.get("progressive") and clustering != "tome" else "")
 
 
-def reference_layer(config: Mapping[str, Any]) -> int:
+# Methods with their own stage schedule: (pruning value, config key of the layers, of their depth).
+_STAGED_PRUNING = {"v2drop": ("v2drop_layers", "v2drop_depth"), "pdrop": ("pdrop_layers", "pdrop_depth")}
+
+
+def reference_layer(config: Mapping[str, Any], n_layers: int | None = None) -> int:
     """The layer ``equivalent_reduction_ratio`` refers to: VTW's and ToMe's "equivalent layer" when
-    they have one (the reference's L_eq), else the reduction layer."""
+    they have one (the reference's L_eq), the first stage of a method with its own stage schedule
+    (V2Drop, PyramidDrop: their layers scaled to the model's ``n_layers``), else the reduction layer."""
     layer = int(config.get("layer", 0))
     if config.get("pruning") == "withdraw" and int(config.get("vtw_equivalent_layer", -1)) >= 0:
         return int(config["vtw_equivalent_layer"])
     if config.get("clustering") == "tome":
         return int(config.get("tome_equivalent_layer", layer))
+    staged = _STAGED_PRUNING.get(str(config.get("pruning")))
+    if staged is not None and n_layers:
+        from pact.ops.stages import parse_layers, scale_layers
+
+        layers_key, depth_key = staged
+        return scale_layers(parse_layers(str(config[layers_key])), int(config[depth_key]), n_layers)[0]
     return layer
 
 

@@ -78,7 +78,7 @@ class RunMetrics:
         self._adapter = adapter
         self._config = config
         self.n_layers = len(adapter.layers)
-        self.reference_layer = M.reference_layer(config.to_dict())
+        self.reference_layer = M.reference_layer(config.to_dict(), self.n_layers)
         vision = None
         if timing:
             try:
