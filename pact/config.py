@@ -154,6 +154,9 @@ class PactConfig:
     vision_features: str = "encoder"
     """VisPruner similarity / PruMerge merge features: the "encoder" selected-layer outputs (projector
     input, official) or the "projector" outputs (LLM input embeddings)."""
+    evs_pruning_rate: float = 0.75
+    """EVS: fraction q of each video's tokens pruned, in [0, 1) (vLLM's ``--video-pruning-rate``);
+    a video keeps max(one frame, int(tokens * (1 - q)))."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -382,6 +385,7 @@ _RULES: dict[str, _Rule] = {
     "vispruner_scope": _choice("crop", "sample"),
     "vispruner_dtype": _choice("model", "float32"),
     "vision_features": _choice("encoder", "projector"),
+    "evs_pruning_rate": _Rule(float, lo=0.0, hi=1.0, hi_open=True),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),

@@ -50,7 +50,11 @@ def one_sample(family: str) -> Any:
 
 
 def families_of(name: str) -> list[str]:
-    return [f for f in FAMILIES if name != "hired" or f in HIRED_FAMILIES]
+    from pact.methods import REGISTRY
+
+    cfg = pact.load_config(name)
+    supported = getattr(REGISTRY[(cfg.pruning, cfg.clustering)], "families", FAMILIES)  # e.g. EVS
+    return [f for f in FAMILIES if (name != "hired" or f in HIRED_FAMILIES) and f in supported]
 
 
 # ---------------------------------------------------------------------------------------------------

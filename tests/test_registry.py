@@ -38,6 +38,8 @@ PAIRS_BEFORE = {
     ("none", "prumerge"): "PruMerge",
     ("none", "pooling"): "SpatialPooling",
     ("none", "tome"): "ToMe",
+    # added with issue 14 (the 2025-26 method pack)
+    ("evs", "none"): "EVS",
 }
 
 
