@@ -224,6 +224,23 @@ class PactConfig:
     custom_reduction_fn: str | None = None
     """"pkg.module:function" clustering+merging hook for clustering="custom" (None:
     pact.custom.custom_token_reduction)."""
+    holitom_retain_ratio: float = 0.15
+    """HoliTom: retain ratio r of each video's tokens before the LLM (official RETAIN_RATIO), in
+    (0, 1]; raised by the static savings of the temporal segmentation."""
+    holitom_tau: float = 0.8
+    """HoliTom: similarity threshold T above which a token is static from one frame to the next."""
+    holitom_beta: float = 0.6
+    """HoliTom: a merged token = beta * its DPC-KNN center + (1 - beta) * its members' mean."""
+    holitom_k: int = 7
+    """HoliTom: neighbours of the DPC-KNN density (official K)."""
+    holitom_dominant_share: float = 0.0
+    """HoliTom: share D of each frame's dynamic budget given to contextual (DPC-KNN) tokens instead
+    of attention-dominant ones (official D, default 0)."""
+    holitom_inner_layer: int | None = 18
+    """HoliTom: decoder layer k of the inner-LLM merge (official HOLITOM_k); None: no inner merge
+    ("HoliTom w/o M")."""
+    holitom_inner_ratio: float = 0.5
+    """HoliTom: fraction of the visual tokens merged away at the inner layer (official HOLITOM_r)."""
 
     # ---- run / reporting -----------------------------------------------------------------------
     log_output_path: str | None = None
@@ -414,6 +431,13 @@ _RULES: dict[str, _Rule] = {
     "sdpa_fast_path": _BOOL,
     "custom_pruning_fn": _HOOK,
     "custom_reduction_fn": _HOOK,
+    "holitom_retain_ratio": _unit(lo_open=True),
+    "holitom_tau": _Rule(float, lo=-1.0, hi=1.0),
+    "holitom_beta": _unit(),
+    "holitom_k": _at_least(1),
+    "holitom_dominant_share": _unit(),
+    "holitom_inner_layer": _at_least(1, nullable=True),
+    "holitom_inner_ratio": _Rule(float, lo=0.0, hi=1.0, hi_open=True),
     # run / reporting
     "log_output_path": _Rule(str, nullable=True, pattern=r"(?s).+", pattern_doc="a non-empty path"),
 }
@@ -469,6 +493,11 @@ def _combination_problems(c: PactConfig) -> list[str]:
     if c.custom_reduction_fn is not None and c.clustering != "custom":
         problems.append(
             f"custom_reduction_fn is only used with clustering='custom' (got clustering={c.clustering!r})"
+        )
+    if c.clustering == "holitom" and c.holitom_inner_layer is not None and c.holitom_inner_layer <= c.layer:
+        problems.append(
+            f"holitom_inner_layer ({c.holitom_inner_layer}) must come after the outer merge at layer "
+            f"{c.layer}: use a later layer, or null for no inner merge"
         )
     # Deliberately allowed: retrieval without pruning or without dbdpc (it then has nothing to do),
     # position_mode / proportional_attention with a pruning-only method (every size is 1).

@@ -24,7 +24,10 @@ from pact.ops.reduction import Reduction
 FAMILIES = testing.FAMILIES
 CONFIGS = config_names()
 HIRED_FAMILIES = ("llava", "llava_next", "llava_onevision")
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}  # as test_methods_models
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbscan": {"dbscan_eps": 0.9},
+    "holitom": {"holitom_inner_layer": 4},  # the official layer 18 of 28; the tiny models have 6
+}  # as test_methods_models
 _MODELS: dict[str, tuple[Any, Any]] = {}
 
 

@@ -75,7 +75,10 @@ def two_samples(family: str, name: str | None = None) -> Any:
 
 # Threshold configs are calibrated for real checkpoints; the random tiny models' keys are much less
 # similar, so DBSCAN's radius is widened here (CONFIGDOC, "Bundled configs").
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbscan": {"dbscan_eps": 0.9},
+    "holitom": {"holitom_inner_layer": 4},  # the official layer 18 of 28; the tiny models have 6
+}
 
 
 def tiny_config(name: str) -> Any:

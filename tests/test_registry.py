@@ -40,6 +40,7 @@ PAIRS_BEFORE = {
     ("none", "tome"): "ToMe",
     # added with issue 14 (the 2025-26 method pack)
     ("evs", "none"): "EVS",
+    ("none", "holitom"): "HoliTom",
 }
 
 
