@@ -310,6 +310,23 @@ def test_inner_merge_equals_the_official_loop(family):
     torch.testing.assert_close(inner.hidden.float(), merged, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_inner_attention_equals_the_eager_models_attentions(family):
+    """The inner merge's scores: the last token's head-mean attention at layer k - 1 over the visual
+    slots, as the eager model returns it (``output_attentions``, reduced slots from layer 0 on)."""
+    model, processor = model_for(family, "eager")
+    x = testing.build_inputs(family, processor, [video_sample(0)])
+    pact.api.apply(model, pact.load_config("holitom", holitom_inner_layer=3, holitom_retain_ratio=0.6))
+    reds = returned_reductions(model)
+    with torch.no_grad():
+        attentions = model(**x, output_attentions=True).attentions
+    outer, inner = reds
+    first = int(testing.patch_token_mask(model, x)[0].nonzero()[0])
+    visual = torch.arange(first, first + outer.kept.numel())
+    expected = attentions[2][0, :, -1].float().mean(0)[visual]  # layer 2 = k - 1, last query row
+    torch.testing.assert_close(inner.scores, expected, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # refusals
 
