@@ -95,6 +95,7 @@ class HoliTom(VisionMethod):
     """HoliTom's outer-LLM video merging (+ its inner-LLM merge at ``holitom_inner_layer``)."""
 
     name = "holitom"
+    needs_merge = True  # merged tokens have sizes > 1 (proportional attention, if asked for, matters)
     inputs = "video"
     """The kind of visual input the method reduces (tests feed such configs videos)."""
     why_not = (
