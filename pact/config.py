@@ -179,6 +179,9 @@ class PactConfig:
     """PyramidDrop: per stage, the fraction of the ORIGINAL visual tokens kept."""
     pdrop_depth: int = 32
     """PyramidDrop: depth the layers are given for (scaled to the model's depth); 0 = absolute layers."""
+    evs_pruning_rate: float = 0.75
+    """EVS: fraction q of each video's tokens pruned, in [0, 1) (vLLM's ``--video-pruning-rate``);
+    a video keeps max(one frame, int(tokens * (1 - q)))."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -246,6 +249,23 @@ class PactConfig:
     custom_reduction_fn: str | None = None
     """"pkg.module:function" clustering+merging hook for clustering="custom" (None:
     pact.custom.custom_token_reduction)."""
+    holitom_retain_ratio: float = 0.15
+    """HoliTom: retain ratio r of each video's tokens before the LLM (official RETAIN_RATIO), in
+    (0, 1]; raised by the static savings of the temporal segmentation."""
+    holitom_tau: float = 0.8
+    """HoliTom: similarity threshold T above which a token is static from one frame to the next."""
+    holitom_beta: float = 0.6
+    """HoliTom: a merged token = beta * its DPC-KNN center + (1 - beta) * its members' mean."""
+    holitom_k: int = 7
+    """HoliTom: neighbours of the DPC-KNN density (official K)."""
+    holitom_dominant_share: float = 0.0
+    """HoliTom: share D of each frame's dynamic budget given to contextual (DPC-KNN) tokens instead
+    of attention-dominant ones (official D, default 0)."""
+    holitom_inner_layer: int | None = 18
+    """HoliTom: decoder layer k of the inner-LLM merge (official HOLITOM_k); None: no inner merge
+    ("HoliTom w/o M")."""
+    holitom_inner_ratio: float = 0.5
+    """HoliTom: fraction of the visual tokens merged away at the inner layer (official HOLITOM_r)."""
 
     # ---- run / reporting -----------------------------------------------------------------------
     log_output_path: str | None = None
@@ -424,6 +444,7 @@ _RULES: dict[str, _Rule] = {
     "pdrop_layers": _LAYER_LIST,
     "pdrop_keep_ratios": _RATIO_LIST,
     "pdrop_depth": _at_least(0),
+    "evs_pruning_rate": _Rule(float, lo=0.0, hi=1.0, hi_open=True),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
@@ -452,6 +473,13 @@ _RULES: dict[str, _Rule] = {
     "sdpa_fast_path": _BOOL,
     "custom_pruning_fn": _HOOK,
     "custom_reduction_fn": _HOOK,
+    "holitom_retain_ratio": _unit(lo_open=True),
+    "holitom_tau": _Rule(float, lo=-1.0, hi=1.0),
+    "holitom_beta": _unit(),
+    "holitom_k": _at_least(1),
+    "holitom_dominant_share": _unit(),
+    "holitom_inner_layer": _at_least(1, nullable=True),
+    "holitom_inner_ratio": _Rule(float, lo=0.0, hi=1.0, hi_open=True),
     # run / reporting
     "log_output_path": _Rule(str, nullable=True, pattern=r"(?s).+", pattern_doc="a non-empty path"),
 }
@@ -520,6 +548,11 @@ def _combination_problems(c: PactConfig) -> list[str]:
         )
     problems.extend(_schedule_problems("v2drop", c.v2drop_layers, c.v2drop_keep_ratios))
     problems.extend(_schedule_problems("pdrop", c.pdrop_layers, c.pdrop_keep_ratios))
+    if c.clustering == "holitom" and c.holitom_inner_layer is not None and c.holitom_inner_layer <= c.layer:
+        problems.append(
+            f"holitom_inner_layer ({c.holitom_inner_layer}) must come after the outer merge at layer "
+            f"{c.layer}: use a later layer, or null for no inner merge"
+        )
     # Deliberately allowed: retrieval without pruning or without dbdpc (it then has nothing to do),
     # position_mode / proportional_attention with a pruning-only method (every size is 1).
     return problems

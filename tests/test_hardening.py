@@ -24,7 +24,10 @@ from pact.ops.reduction import Reduction
 FAMILIES = testing.FAMILIES
 CONFIGS = config_names()
 HIRED_FAMILIES = ("llava", "llava_next", "llava_onevision")
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}  # as test_methods_models
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbscan": {"dbscan_eps": 0.9},
+    "holitom": {"holitom_inner_layer": 4},  # the official layer 18 of 28; the tiny models have 6
+}  # as test_methods_models
 _MODELS: dict[str, tuple[Any, Any]] = {}
 
 
@@ -50,7 +53,11 @@ def one_sample(family: str) -> Any:
 
 
 def families_of(name: str) -> list[str]:
-    return [f for f in FAMILIES if name != "hired" or f in HIRED_FAMILIES]
+    from pact.methods import REGISTRY
+
+    cfg = pact.load_config(name)
+    supported = getattr(REGISTRY[(cfg.pruning, cfg.clustering)], "families", FAMILIES)  # e.g. EVS
+    return [f for f in FAMILIES if (name != "hired" or f in HIRED_FAMILIES) and f in supported]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,21 +45,40 @@ def _stock_models():
             model.set_attn_implementation("sdpa")
 
 
-def two_samples(family: str) -> Any:
+def method_of(name: str) -> Any:
+    """The method class (factory) a bundled config runs."""
+    from pact.methods import REGISTRY
+
+    cfg = pact.load_config(name)
+    return REGISTRY[(cfg.pruning, cfg.clustering)]
+
+
+def reduces_video(name: str | None) -> bool:
+    """The config's method reduces video tokens only (``inputs = "video"`` on its class, e.g. EVS):
+    the shared tests feed it videos instead of images."""
+    return name is not None and getattr(method_of(name), "inputs", "any") == "video"
+
+
+def sample(i: int, name: str | None = None) -> dict[str, Any]:
+    """Sample i (0 or 1) of the shared tests: an image, or a video for video-only methods."""
+    if reduces_video(name):
+        question = ("Describe the video.", "What moves in the video?")[i]
+        return {"question": question, "videos": [testing.sample_video(i)]}
+    question = ("What is in the image?", "Describe the picture in one sentence.")[i]
+    return {"question": question, "images": [testing.sample_image(i, size=((96, 64), (64, 120))[i])]}
+
+
+def two_samples(family: str, name: str | None = None) -> Any:
     _, processor = tiny6(family)
-    samples = [
-        {"question": "What is in the image?", "images": [testing.sample_image(0, size=(96, 64))]},
-        {
-            "question": "Describe the picture in one sentence.",
-            "images": [testing.sample_image(1, size=(64, 120))],
-        },
-    ]
-    return testing.build_inputs(family, processor, samples, padding_side="left")
+    return testing.build_inputs(family, processor, [sample(0, name), sample(1, name)], padding_side="left")
 
 
 # Threshold configs are calibrated for real checkpoints; the random tiny models' keys are much less
 # similar, so DBSCAN's radius is widened here (CONFIGDOC, "Bundled configs").
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbscan": {"dbscan_eps": 0.9},
+    "holitom": {"holitom_inner_layer": 4},  # the official layer 18 of 28; the tiny models have 6
+}
 
 
 def tiny_config(name: str) -> Any:
@@ -67,7 +86,8 @@ def tiny_config(name: str) -> Any:
 
 
 def supported(name: str, family: str) -> bool:
-    return not (name == "hired" and family not in HIRED_FAMILIES)
+    families = getattr(method_of(name), "families", FAMILIES)  # e.g. EVS: video families only
+    return not (name == "hired" and family not in HIRED_FAMILIES) and family in families
 
 
 def kept_of(model: Any) -> list[list[int]]:
@@ -85,7 +105,7 @@ def kept_of(model: Any) -> list[list[int]]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_runs_batched_on_eager_and_sdpa(name, family):
     model, _ = tiny6(family)
-    x = two_samples(family)
+    x = two_samples(family, name if supported(name, family) else None)
     cfg = tiny_config(name)
     if not supported(name, family):
         with torch.no_grad():
@@ -117,22 +137,13 @@ def test_config_batch_equals_single_and_generates(name):
     # one family per config (rotating), to keep the suite fast; the matrix above covers the rest
     family = [f for f in FAMILIES if supported(name, f)][CONFIGS.index(name) % 3]
     model, processor = tiny6(family)
-    x = two_samples(family)
+    x = two_samples(family, name)
     pact.api.apply(model, tiny_config(name))
     with torch.no_grad():
         out = model.generate(**x, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert out.shape == (2, x["input_ids"].shape[1] + 2)
     batched = kept_of(model)
-    single = testing.build_inputs(
-        family,
-        processor,
-        [
-            {
-                "question": "Describe the picture in one sentence.",
-                "images": [testing.sample_image(1, size=(64, 120))],
-            }
-        ],
-    )
+    single = testing.build_inputs(family, processor, [sample(1, name)])
     with torch.no_grad():
         model(**single)
     assert kept_of(model)[0] == batched[1], f"{name}: the second sample is reduced differently in a batch"

@@ -43,6 +43,9 @@ PAIRS_BEFORE = {
     ("dart", "none"): "DART",
     ("v2drop", "none"): "V2Drop",
     ("pdrop", "none"): "PyramidDrop",
+    # added with issue 14 (the 2025-26 method pack)
+    ("evs", "none"): "EVS",
+    ("none", "holitom"): "HoliTom",
 }
 
 
