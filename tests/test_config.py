@@ -248,9 +248,12 @@ def configs(draw: st.DrawFn) -> PactConfig:
     if selection == "iqr":
         budget = "none"
     hook = st.none() | st.sampled_from(["my_pkg.mod:score", "m:f", "a.b.c:Cls.method"])
+    layer = draw(st.integers(1, 80))
+    # HoliTom's inner merge must come after its outer merge at `layer`.
+    inner = draw(st.none() | st.integers(layer + 1, 120)) if clustering == "holitom" else 18
     return PactConfig(
         reduction=draw(st.booleans()),
-        layer=draw(st.integers(1, 80)),
+        layer=layer,
         pruning=pruning,
         clustering=clustering,
         progressive=draw(st.booleans()),
@@ -279,6 +282,7 @@ def configs(draw: st.DrawFn) -> PactConfig:
         custom_pruning_fn=draw(hook) if pruning == "custom" else None,
         custom_reduction_fn=draw(hook) if clustering == "custom" else None,
         log_output_path=draw(st.none() | st.text(min_size=1, max_size=20)),
+        holitom_inner_layer=inner,
     )
 
 
