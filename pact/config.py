@@ -154,6 +154,13 @@ class PactConfig:
     vision_features: str = "encoder"
     """VisPruner similarity / PruMerge merge features: the "encoder" selected-layer outputs (projector
     input, official) or the "projector" outputs (LLM input embeddings)."""
+    visionzip_contextual_ratio: float = 0.15625
+    """VisionZip: share of each encoder image's kept tokens that are contextual (merged) tokens,
+    int(T * ratio); the official 64 = 54 dominant + 10 contextual is 0.15625."""
+    visionzip_features: str = "auto"
+    """VisionZip merge features: "encoder" (projector input, then projected: official LLaVA),
+    "projector" (LLM input embeddings: the official Qwen2.5-VL port) or "auto" (projector on M-RoPE
+    families, else encoder)."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -382,6 +389,8 @@ _RULES: dict[str, _Rule] = {
     "vispruner_scope": _choice("crop", "sample"),
     "vispruner_dtype": _choice("model", "float32"),
     "vision_features": _choice("encoder", "projector"),
+    "visionzip_contextual_ratio": _unit(),
+    "visionzip_features": _choice("auto", "encoder", "projector"),
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
