@@ -161,6 +161,12 @@ class PactConfig:
     """VisionZip merge features: "encoder" (projector input, then projected: official LLaVA),
     "projector" (LLM input embeddings: the official Qwen2.5-VL port) or "auto" (projector on M-RoPE
     families, else encoder)."""
+    cdpruner_theta: float | None = None
+    """CDPruner kernel factor: the relevance itself (None, the official code path) or
+    exp(theta / (2 (1 - theta)) * relevance) with theta in [0, 1) (the official commented variant)."""
+    cdpruner_negate_relevance: bool = False
+    """CDPruner: negate the mean instruction cosine before normalising (the official code, for CLIP
+    patch-text similarities); False for the LLM-embedding relevance used here."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -391,6 +397,8 @@ _RULES: dict[str, _Rule] = {
     "vision_features": _choice("encoder", "projector"),
     "visionzip_contextual_ratio": _unit(),
     "visionzip_features": _choice("auto", "encoder", "projector"),
+    "cdpruner_theta": _Rule(float, nullable=True, lo=0.0, hi=1.0, hi_open=True),
+    "cdpruner_negate_relevance": _BOOL,
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),
