@@ -167,6 +167,21 @@ class PactConfig:
     cdpruner_negate_relevance: bool = False
     """CDPruner: negate the mean instruction cosine before normalising (the official code, for CLIP
     patch-text similarities); False for the LLM-embedding relevance used here."""
+    sparsevlm_budget: int = 192
+    """SparseVLM: the official per-stage schedule of this budget label (64, 96, 128 or 192 tokens;
+    kept tokens per stage scaled by N / 576)."""
+    sparsevlm_layers: str = "2,6,15"
+    """SparseVLM pruning layers, comma-separated (official 2, 6, 15 of 32 decoder layers)."""
+    sparsevlm_reference_depth: int = 32
+    """SparseVLM: the layers are given for a model of this depth and scaled to round(l * n / depth)
+    on a model of n layers; 0 = use them as given."""
+    sparsevlm_count: str = "schedule"
+    """SparseVLM kept count per stage: the official "schedule" or the first release's "rank"
+    (int(rank * sparsevlm_rank_scale) of the raters x visual attention)."""
+    sparsevlm_rank_scale: float = 13.5
+    """SparseVLM: scale of the rank count (the first release's default 13.5)."""
+    sparsevlm_recycle: bool = True
+    """SparseVLM: recycle the best pruned tokens into DPC-KNN merged tokens (official)."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -399,6 +414,14 @@ _RULES: dict[str, _Rule] = {
     "visionzip_features": _choice("auto", "encoder", "projector"),
     "cdpruner_theta": _Rule(float, nullable=True, lo=0.0, hi=1.0, hi_open=True),
     "cdpruner_negate_relevance": _BOOL,
+    "sparsevlm_budget": _at_least(1),
+    "sparsevlm_layers": _Rule(
+        str, pattern=r"\d+(,\d+)*", pattern_doc='comma-separated layer indices, e.g. "2,6,15"'
+    ),
+    "sparsevlm_reference_depth": _at_least(0),
+    "sparsevlm_count": _choice("schedule", "rank"),
+    "sparsevlm_rank_scale": _positive(),
+    "sparsevlm_recycle": _BOOL,
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),

@@ -40,7 +40,9 @@ PAIRS_BEFORE = {
     ("none", "tome"): "ToMe",
 }
 # Whole methods added since (issue 14's method pack), each pinned by its tests/test_method_<name>.py.
-PAIRS_BEFORE.update({("visionzip", "none"): "VisionZip", ("cdpruner", "none"): "CDPruner"})
+PAIRS_BEFORE.update(
+    {("visionzip", "none"): "VisionZip", ("cdpruner", "none"): "CDPruner", ("sparsevlm", "none"): "SparseVLM"}
+)
 
 
 def test_every_pair_resolves_to_the_same_class_as_before_and_dbdpc_now_composes():
