@@ -218,3 +218,17 @@ def test_bad_settings_are_refused():
         pact.api.apply(model, pact.load_config("sparsevlm", sparsevlm_budget=100))
     with pytest.raises(ValueError, match="only 4 decoder layers"):
         pact.api.apply(model, pact.load_config("sparsevlm", sparsevlm_reference_depth=0))
+
+
+def test_a_budget_sets_the_layer_mean_of_the_kept_tokens():
+    model, _ = tiny_llava()
+    x = two_images()
+    cfg = pact.load_config("sparsevlm", **CFG, target_tokens=12, sparsevlm_recycle=False)
+    pact.api.apply(model, cfg)
+    with torch.no_grad():
+        model(**x)
+    st = pact.api.stats(model)
+    for b, n in enumerate(st.visual_before):  # layers 0..3; pruning before layers 1 and 3
+        counts = [rec[b].kept.numel() for rec in st.records]
+        per_layer = [n, counts[0], counts[0], counts[1]]
+        assert abs(layer_mean_tokens(per_layer) - 12) <= 0.5
