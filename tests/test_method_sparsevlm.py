@@ -12,7 +12,8 @@ import torch
 import pact
 import pact.api
 from pact import testing
-from pact.methods.sparsevlm import layer_mean_tokens, official_layers, stage_counts
+from pact.eval.metrics import layer_mean_visual
+from pact.methods.sparsevlm import official_layers, stage_counts
 from pact.ops.sparsevlm import dpc_knn, rank_count, rater_attention, recycle_count, text_raters
 
 
@@ -33,8 +34,8 @@ def test_counts_layers_and_recycling_sizes():
     assert stage_counts(288, [2, 6, 15], 32, 128, None) == [152, 55, 18]  # halves, rounded
     # a budget T: the layer-mean of the kept counts is T (up to rounding)
     counts = stage_counts(576, [2, 6, 15], 32, 64, 100)
-    per_layer = [576] * 2 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 17
-    assert abs(layer_mean_tokens(per_layer) - 100) < 1
+    steps = [(2, counts[0]), (6, counts[1]), (15, counts[2])]
+    assert abs(layer_mean_visual(576, steps, 32) - 100) < 1
     assert official_layers("2,6,15", 32, 32) == [2, 6, 15]
     assert official_layers("2,6,15", 28, 32) == [2, 5, 13]
     assert official_layers("2,6,15", 6, 32) == [0, 1, 3]
@@ -230,5 +231,4 @@ def test_a_budget_sets_the_layer_mean_of_the_kept_tokens():
     st = pact.api.stats(model)
     for b, n in enumerate(st.visual_before):  # layers 0..3; pruning before layers 1 and 3
         counts = [rec[b].kept.numel() for rec in st.records]
-        per_layer = [n, counts[0], counts[0], counts[1]]
-        assert abs(layer_mean_tokens(per_layer) - 12) <= 0.5
+        assert abs(layer_mean_visual(n, [(1, counts[0]), (3, counts[1])], 4) - 12) <= 0.5

@@ -21,8 +21,8 @@ Positions: the official code truncates the position ids to the new length (conti
 ``position_mode: "renumber"`` in ``sparsevlm.json``.
 
 Budgets (``target_tokens`` T / ``target_ratio``): the schedule is scaled so that the layer-mean
-number of kept visual tokens (recycled tokens not counted, as the official budget labels) is T
-(``layer_mean_tokens``).
+number of kept visual tokens (recycled tokens not counted, as the official budget labels) is T; the
+evaluation metrics report the achieved layer mean (``pact.eval.metrics.layer_mean_visual``).
 """
 
 from __future__ import annotations
@@ -80,11 +80,6 @@ def stage_counts(n: int, layers: list[int], num_layers: int, budget: int, target
         factor = max(0.0, (target * num_layers - layers[0] * n) / weight) if weight > 0 else 0.0
         base = [b * factor for b in base]
     return [max(0, round(b)) for b in base]
-
-
-def layer_mean_tokens(counts_by_layer: list[int]) -> float:
-    """The layer-mean visual token count (the SparseVLM / ToMe budget reading)."""
-    return sum(counts_by_layer) / max(1, len(counts_by_layer))
 
 
 @register("sparsevlm", "none")
