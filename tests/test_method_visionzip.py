@@ -3,6 +3,8 @@ loops over the tower's own eager attention and keys), budgets, order, and refuse
 
 from __future__ import annotations
 
+import itertools
+import sys
 from typing import Any
 
 import pytest
@@ -277,3 +279,47 @@ def test_bad_settings_are_refused():
         ValueError, match="no reduction method for pruning='visionzip' with clustering='kmeans'"
     ):
         pact.api.apply(model, pact.load_config("visionzip", clustering="kmeans"))
+
+
+def test_qwen_dominant_score_is_the_ports_received_attention():
+    """Qwen2-VL (no [CLS]): the Qwen2.5-VL port's dominant score -- the last ViT block's attention
+    averaged over heads, summed over the query patches of the image, averaged over the 2 x 2 patches
+    of each merged token -- recomputed from the block's own q/k/v (checked against the block's output),
+    equals ours times the image's patch count (ours is the mean over queries: same ranking)."""
+    model, processor = testing.tiny_pair("qwen2_vl", num_hidden_layers=2)
+    x = two_images(processor, "qwen2_vl")
+    attn = model.model.visual.blocks[-1].attn
+    grabbed: dict[str, Any] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        grabbed["x"] = args[0] if args else kwargs["hidden_states"]
+        grabbed["cu"] = kwargs["cu_seqlens"]
+        grabbed["rope"] = kwargs["position_embeddings"]
+        grabbed["out"] = output
+
+    hook = attn.register_forward_hook(grab, with_kwargs=True)
+    pact.api.apply(model, pact.load_config("visionzip", keep_ratio=0.5))
+    reds = returned_reductions(model)
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        hook.remove()
+        pact.api.remove(model)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    h = grabbed["x"]
+    s = h.shape[0]
+    with torch.no_grad():
+        q, k, v = attn.qkv(h).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rope(q, k, *grabbed["rope"])
+        cu = grabbed["cu"].tolist()
+        outs, official = [], []
+        for a, b in itertools.pairwise(cu):
+            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, dim=-1)
+            outs.append(torch.einsum("hqk,khd->qhd", probs, v[a:b]).reshape(b - a, -1))
+            received = probs.mean(0).sum(0)  # head mean, sum over the query patches
+            official.append((received.view(-1, 4).mean(1), b - a))
+        torch.testing.assert_close(attn.proj(torch.cat(outs)), grabbed["out"], rtol=1e-4, atol=1e-5)
+    assert len(reds) == 2
+    for red, (want, patches) in zip(reds, official, strict=True):
+        torch.testing.assert_close(red.scores * patches, want, rtol=1e-4, atol=1e-6)
