@@ -33,14 +33,16 @@ def test_counts_layers_and_recycling_sizes():
     assert stage_counts(576, [2, 6, 15], 32, 192, None) == [300, 200, 110]
     assert stage_counts(288, [2, 6, 15], 32, 128, None) == [152, 55, 18]  # halves, rounded
     # a budget T: the layer-mean of the kept counts is T (up to rounding)
-    counts = stage_counts(576, [2, 6, 15], 32, 64, 100)
-    steps = [(2, counts[0]), (6, counts[1]), (15, counts[2])]
+    counts = stage_counts(576, [3, 7, 16], 32, 64, 100)  # pruning after layers 2, 6, 15
+    steps = [(3, counts[0]), (7, counts[1]), (16, counts[2])]
     assert abs(layer_mean_visual(576, steps, 32) - 100) < 1
     assert official_layers("2,6,15", 32, 32) == [2, 6, 15]
     assert official_layers("2,6,15", 28, 32) == [2, 5, 13]
     assert official_layers("2,6,15", 6, 32) == [0, 1, 3]
     with pytest.raises(ValueError, match="the model has only 6 decoder layers"):
         official_layers("2,6,15", 6, 0)
+    with pytest.raises(ValueError, match="needs the next layer"):
+        official_layers("1,5", 6, 0)
     assert recycle_count(510) == (154, 16)  # int(0.3 * 510) + 1, int(154 / 10) + 1
     assert recycle_count(36) == (11, 2)
     assert recycle_count(1) == (1, 1)
@@ -83,7 +85,7 @@ def test_rater_attention_is_the_causal_softmax_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------------
-# on a tiny LLaVA-1.5 with 4 decoder layers (pruning layers 1 and 3)
+# on a tiny LLaVA-1.5 with 4 decoder layers (pruning the outputs of layers 1 and 2)
 
 _MODELS: dict[str, Any] = {}
 
@@ -111,7 +113,7 @@ def two_images() -> Any:
     return testing.build_inputs("llava", processor, samples, padding_side="left")
 
 
-CFG = {"sparsevlm_layers": "1,3", "sparsevlm_reference_depth": 0, "sparsevlm_budget": 64}
+CFG = {"sparsevlm_layers": "1,2", "sparsevlm_reference_depth": 0, "sparsevlm_budget": 64}
 
 
 def spy(model: Any) -> list[tuple[Any, Any, Any]]:
@@ -145,9 +147,9 @@ def test_the_rater_slice_equals_the_eager_models_attention(attn):
     pact.api.apply(model, pact.load_config("sparsevlm", **CFG))
     calls = spy(model)
     with torch.no_grad():
-        model(**x)
+        out = model(**x, output_attentions=attn == "eager")
     visual = testing.patch_token_mask(model, x)
-    first = [c for c in calls if c[0].layer == 1]
+    first = [c for c in calls if c[0].layer == 2]  # layer 1's output is pruned before layer 2
     assert len(first) == 2
     for b, (signals, relation, _) in enumerate(first):
         valid = x["attention_mask"][b].bool()
@@ -156,6 +158,19 @@ def test_the_rater_slice_equals_the_eager_models_attention(attn):
         rows = (st["raters"] + (t - st["text"])).tolist()
         assert rows, "no rater"
         expected = stock[b][:, valid][:, :, valid].mean(0)[rows][:, visual[b][valid]]
+        torch.testing.assert_close(relation, expected.float(), rtol=1e-4, atol=1e-6)
+    if attn != "eager":
+        return
+    # second stage: layer 2 runs on the reduced, left-padded batch; its input was recorded by the
+    # method's hook; the rows are the eager model's own attention over the reduced slots
+    second = [c for c in calls if c[0].layer == 3]
+    assert len(second) == 2
+    for b, (signals, relation, _) in enumerate(second):
+        st = signals.context["sparsevlm"][b]
+        t = signals.visual_mask.shape[0]
+        rows = (st["raters"] + (t - st["text"])).tolist()
+        layer2 = out.attentions[2][b][:, -t:, -t:].mean(0)  # the sample's slots are the last t
+        expected = layer2[rows][:, signals.visual_mask]
         torch.testing.assert_close(relation, expected.float(), rtol=1e-4, atol=1e-6)
 
 
@@ -168,12 +183,12 @@ def test_counts_recycling_and_order_on_llava():
         logits = model(**x).logits
     assert bool(torch.isfinite(logits).all())
     st = pact.api.stats(model)
-    assert st.layers == [1, 3]
+    assert st.layers == [2, 3]  # the outputs of layers 1 and 2 are pruned
     for signals, _, red in calls:
         n = signals.num_visual
         n0 = signals.context["sparsevlm"][signals.sample]["n"]
-        stage = [1, 3].index(signals.layer)
-        keep = min(stage_counts(n0, [1, 3], 4, 64, None)[stage], n - 1)
+        stage = [2, 3].index(signals.layer)
+        keep = min(stage_counts(n0, [2, 3], 4, 64, None)[stage], n - 1)
         _, clusters = recycle_count(n - keep)
         assert red.kept.numel() == keep + clusters
         hidden = signals.hidden[signals.visual_mask].float()
@@ -217,18 +232,18 @@ def test_bad_settings_are_refused():
     model, _ = tiny_llava()
     with pytest.raises(ValueError, match="sparsevlm_budget=100"):
         pact.api.apply(model, pact.load_config("sparsevlm", sparsevlm_budget=100))
-    with pytest.raises(ValueError, match="only 4 decoder layers"):
+    with pytest.raises(ValueError, match="only 4 decoder layers"):  # 2, 6, 15 as given
         pact.api.apply(model, pact.load_config("sparsevlm", sparsevlm_reference_depth=0))
 
 
 def test_a_budget_sets_the_layer_mean_of_the_kept_tokens():
     model, _ = tiny_llava()
     x = two_images()
-    cfg = pact.load_config("sparsevlm", **CFG, target_tokens=12, sparsevlm_recycle=False)
+    cfg = pact.load_config("sparsevlm", **CFG, target_tokens=24, sparsevlm_recycle=False)
     pact.api.apply(model, cfg)
     with torch.no_grad():
         model(**x)
     st = pact.api.stats(model)
     for b, n in enumerate(st.visual_before):  # layers 0..3; pruning before layers 1 and 3
         counts = [rec[b].kept.numel() for rec in st.records]
-        assert abs(layer_mean_visual(n, [(1, counts[0]), (3, counts[1])], 4) - 12) <= 0.5
+        assert abs(layer_mean_visual(n, [(2, counts[0]), (3, counts[1])], 4) - 24) <= 0.5

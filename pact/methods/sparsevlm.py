@@ -2,19 +2,23 @@
 model, with the pruned tokens recycled into a few merged tokens (``pact.ops.sparsevlm``).
 
 At each pruning layer l (``sparsevlm_layers``, official 2, 6, 15 of LLaVA-1.5-7B's 32; on a model of
-n layers each is scaled to ``round(l * n / sparsevlm_reference_depth)``):
+n layers each is scaled to ``round(l * n / sparsevlm_reference_depth)``), as the official code, layer
+l runs on every current token and its OUTPUT is pruned (the reduction runs before layer l + 1):
 
 1. the text raters (chosen once per sample from the input embeddings: the text tokens after the
    last visual token whose mean softmax relevance to the visual tokens is above average) rate the
    visual tokens with layer l's attention -- one (raters x keys) float32 slice of the causal
-   softmax, computed from the layer's own post-RoPE queries/keys (so it runs on sdpa; it equals the
-   eager model's ``output_attentions`` rows), averaged over heads and raters;
+   softmax, computed from the queries/keys layer l computes on its input (so it runs on sdpa; it
+   equals the eager model's ``output_attentions`` rows), averaged over heads and raters. Layer l's
+   input is the engine's ``Signals.layer_input`` at the first stage; at later stages (after a
+   reduction, where the engine keeps no earlier input) the method records it with a forward
+   pre-hook on layer l, installed at ``pact.apply``;
 2. the top tokens are kept: the official schedule of ``sparsevlm_budget`` (64 -> 66, 30, 17 of
    576 ...; scaled by N / 576 for a sample of N visual tokens) or, ``sparsevlm_count: "rank"``,
    ``int(rank * sparsevlm_rank_scale)`` of the raters x visual attention; at most N - 1;
 3. recycling (``sparsevlm_recycle``): the best 30 % (+1) of the pruned tokens by that score are
    clustered by DPC-KNN into a tenth (+1) and each cluster becomes one token, the plain mean of its
-   members' hidden states, standing at its center's slot and placed after the kept visual tokens
+   members' layer-l outputs, standing at its center's slot and placed after the kept visual tokens
    (``Reduction.order``): it stays a visual token for the next stage, as in the official code.
 
 Positions: the official code truncates the position ids to the new length (contiguous), i.e.
@@ -55,22 +59,24 @@ _CTX = "sparsevlm"
 
 
 def official_layers(spec: str, num_layers: int, reference_depth: int) -> list[int]:
-    """The pruning layers of a model with ``num_layers`` layers (``spec``: "2,6,15")."""
+    """The pruning layers l of a model with ``num_layers`` layers (``spec``: "2,6,15"); each stage
+    prunes layer l's output, i.e. before layer l + 1, which must exist."""
     given = [int(x) for x in spec.split(",")]
     if reference_depth > 0:
         given = [round(layer * num_layers / reference_depth) for layer in given]
     layers = sorted(set(given))
-    if not layers or layers[-1] >= num_layers:
+    if not layers or layers[-1] + 1 >= num_layers:
         raise ValueError(
-            f"sparsevlm_layers={spec!r} gives pruning layers {layers} but the model has only {num_layers} "
-            "decoder layers"
+            f"sparsevlm_layers={spec!r} gives pruning layers {layers}: pruning a layer's output needs "
+            f"the next layer, but the model has only {num_layers} decoder layers"
         )
     return layers
 
 
 def stage_counts(n: int, layers: list[int], num_layers: int, budget: int, target: int | None) -> list[int]:
     """Kept visual tokens after each stage for a sample of ``n`` visual tokens: the official schedule
-    of ``budget`` scaled by n / 576, or (``target`` T) scaled so that the layer-mean count is T."""
+    of ``budget`` scaled by n / 576, or (``target`` T) scaled so that the layer-mean count is T.
+    ``layers``: the layers each stage's tokens enter first (pruning layer + 1)."""
     table = SPARSEVLM_SCHEDULES[budget]
     stages = list(table[: len(layers)]) + [table[-1]] * max(0, len(layers) - len(table))
     base = [t * n / 576 for t in stages]
@@ -91,26 +97,54 @@ class SparseVLM(Method):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
+        self.__init_state()
         if int(config.sparsevlm_budget) not in SPARSEVLM_SCHEDULES:
             raise ValueError(
                 f"sparsevlm_budget={config.sparsevlm_budget}: allowed values are the official budgets "
                 f"{sorted(SPARSEVLM_SCHEDULES)}"
             )
 
-    def layers(self, num_layers: int) -> list[int]:
+    def __init_state(self) -> None:
+        self._adapter: Any = None
+        self._inputs: dict[int, torch.Tensor] = {}  # layer l -> its (B, R, D) input of this prefill
+
+    def stages(self, num_layers: int) -> list[int]:
+        """The pruning layers l (each stage prunes layer l's output)."""
         return official_layers(
             str(self.config.sparsevlm_layers), num_layers, int(self.config.sparsevlm_reference_depth)
         )
 
+    def layers(self, num_layers: int) -> list[int]:
+        return [layer + 1 for layer in self.stages(num_layers)]
+
     def input_layers(self, num_layers: int) -> list[int]:
-        return [0] if self.layers(num_layers)[0] > 0 else []
+        # the raters read the input embeddings; the first stage reads its layer's input (kept by the
+        # engine before any reduction)
+        return sorted({0, self.stages(num_layers)[0]})
+
+    def install(self, model: Any, adapter: Any) -> list[Any]:
+        """Record the input of every later pruning layer (after a reduction the engine keeps none):
+        a forward pre-hook, registered after the engine's, so it sees what the layer receives."""
+        self._adapter = adapter
+        self._inputs = {}
+        handles = []
+        for layer in self.stages(len(adapter.layers))[1:]:
+
+            def keep(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
+                self._inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+            handles.append(adapter.layers[layer].register_forward_pre_hook(keep, with_kwargs=True))
+        return handles
+
+    def finish(self, context: dict[str, Any]) -> None:
+        self._inputs = {}
 
     def _state(self, signals: Signals) -> dict[str, Any]:
         """Per-sample state of this call: N before the first stage and the raters (as offsets into
         the text after the last visual token)."""
         states = signals.context.setdefault(_CTX, {})
         if signals.sample not in states:
-            embeds = signals.hidden if signals.layer == 0 else signals.layer_input(0)
+            embeds = signals.layer_input(0)
             vis = signals.visual_mask
             last = int(vis.nonzero()[-1]) if bool(vis.any()) else -1
             text = embeds[last + 1 :]
@@ -118,12 +152,27 @@ class SparseVLM(Method):
             states[signals.sample] = {"n": signals.num_visual, "text": text.shape[0], "raters": raters}
         return states[signals.sample]
 
+    def layer_qk(self, signals: Signals) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE (queries, keys) of the pruning layer l = ``signals.layer - 1`` on its input (the
+        same tokens and positions as now: nothing is reduced between layer l and layer l + 1)."""
+        layer = signals.layer - 1
+        stages = self.stages(signals.num_layers)
+        if layer == stages[0]:
+            return signals.qk_at(layer, rope=True)
+        if layer not in self._inputs or self._adapter is None:
+            raise ValueError(f"{self.name}: the input of layer {layer} was not recorded (use pact.apply)")
+        # after a reduction the batch is left-padded: the sample's rows are the last ones
+        rows = self._inputs[layer][signals.sample, -signals.hidden.shape[0] :]
+        cos, sin = signals.cos_sin()
+        _, _, q, k = self._adapter.queries_keys(self._adapter.layers[layer], rows, cos, sin, True, True)
+        return q, k
+
     def scores(self, signals: Signals) -> torch.Tensor:
-        """(R, N) float32 attention of the raters (rows) to the visual tokens at this layer."""
+        """(R, N) float32 attention of the raters (rows) to the visual tokens at pruning layer l."""
         st = self._state(signals)
         t = signals.visual_mask.shape[0]
         rows = st["raters"] + (t - st["text"])
-        q, k = signals.queries(rope=True), signals.keys(rope=True)
+        q, k = self.layer_qk(signals)
         bias = None
         if self.config.proportional_attention:
             bias = torch.zeros(t, device=q.device)
@@ -138,17 +187,21 @@ class SparseVLM(Method):
         st = self._state(signals)
         relation = self.scores(signals)
         score = relation.mean(dim=0) if relation.shape[0] else torch.zeros(n, device=device)
-        layers = self.layers(signals.num_layers)
-        stage = layers.index(signals.layer)
+        layers = self.stages(signals.num_layers)
+        stage = layers.index(signals.layer - 1)
         prune = True
         if cfg.sparsevlm_count == "rank":
             count, rank = rank_count(relation, float(cfg.sparsevlm_rank_scale))
             prune = rank != n
         else:
             target = target_count(cfg, st["n"])
-            count = stage_counts(st["n"], layers, signals.num_layers, int(cfg.sparsevlm_budget), target)[
-                stage
-            ]
+            count = stage_counts(
+                st["n"],
+                self.layers(signals.num_layers),
+                signals.num_layers,
+                int(cfg.sparsevlm_budget),
+                target,
+            )[stage]
         if not prune or relation.shape[0] == 0:  # no rater, or nothing to prune (rank = N)
             idx = torch.arange(n, device=device)
             return Reduction(
