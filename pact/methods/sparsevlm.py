@@ -97,16 +97,13 @@ class SparseVLM(Method):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.__init_state()
+        self._adapter: Any = None  # set by install
+        self._inputs: dict[int, torch.Tensor] = {}  # layer l -> its (B, R, D) input in this prefill
         if int(config.sparsevlm_budget) not in SPARSEVLM_SCHEDULES:
             raise ValueError(
                 f"sparsevlm_budget={config.sparsevlm_budget}: allowed values are the official budgets "
                 f"{sorted(SPARSEVLM_SCHEDULES)}"
             )
-
-    def __init_state(self) -> None:
-        self._adapter: Any = None
-        self._inputs: dict[int, torch.Tensor] = {}  # layer l -> its (B, R, D) input of this prefill
 
     def stages(self, num_layers: int) -> list[int]:
         """The pruning layers l (each stage prunes layer l's output)."""
