@@ -182,6 +182,34 @@ class PactConfig:
     evs_pruning_rate: float = 0.75
     """EVS: fraction q of each video's tokens pruned, in [0, 1) (vLLM's ``--video-pruning-rate``);
     a video keeps max(one frame, int(tokens * (1 - q)))."""
+    visionzip_contextual_ratio: float = 0.15625
+    """VisionZip: share of each encoder image's kept tokens that are contextual (merged) tokens,
+    int(T * ratio); the official 64 = 54 dominant + 10 contextual is 0.15625."""
+    visionzip_features: str = "auto"
+    """VisionZip merge features: "encoder" (projector input, then projected: official LLaVA),
+    "projector" (LLM input embeddings: the official Qwen2.5-VL port) or "auto" (projector on M-RoPE
+    families, else encoder)."""
+    cdpruner_theta: float | None = None
+    """CDPruner kernel factor: the relevance itself (None, the official code path) or
+    exp(theta / (2 (1 - theta)) * relevance) with theta in [0, 1) (the official commented variant)."""
+    cdpruner_negate_relevance: bool = False
+    """CDPruner: negate the mean instruction cosine before normalising (the official code, for CLIP
+    patch-text similarities); False for the LLM-embedding relevance used here."""
+    sparsevlm_budget: int = 192
+    """SparseVLM: the official per-stage schedule of this budget label (64, 96, 128 or 192 tokens;
+    kept tokens per stage scaled by N / 576)."""
+    sparsevlm_layers: str = "2,6,15"
+    """SparseVLM pruning layers, comma-separated (official 2, 6, 15 of 32 decoder layers)."""
+    sparsevlm_reference_depth: int = 32
+    """SparseVLM: the layers are given for a model of this depth and scaled to round(l * n / depth)
+    on a model of n layers; 0 = use them as given."""
+    sparsevlm_count: str = "schedule"
+    """SparseVLM kept count per stage: the official "schedule" or the first release's "rank"
+    (int(rank * sparsevlm_rank_scale) of the raters x visual attention)."""
+    sparsevlm_rank_scale: float = 13.5
+    """SparseVLM: scale of the rank count (the first release's default 13.5)."""
+    sparsevlm_recycle: bool = True
+    """SparseVLM: recycle the best pruned tokens into DPC-KNN merged tokens (official)."""
 
     # ---- clustering / merging ------------------------------------------------------------------
     cutoff: float = 0.21
@@ -445,6 +473,18 @@ _RULES: dict[str, _Rule] = {
     "pdrop_keep_ratios": _RATIO_LIST,
     "pdrop_depth": _at_least(0),
     "evs_pruning_rate": _Rule(float, lo=0.0, hi=1.0, hi_open=True),
+    "visionzip_contextual_ratio": _unit(),
+    "visionzip_features": _choice("auto", "encoder", "projector"),
+    "cdpruner_theta": _Rule(float, nullable=True, lo=0.0, hi=1.0, hi_open=True),
+    "cdpruner_negate_relevance": _BOOL,
+    "sparsevlm_budget": _at_least(1),
+    "sparsevlm_layers": _Rule(
+        str, pattern=r"\d+(,\d+)*", pattern_doc='comma-separated layer indices, e.g. "2,6,15"'
+    ),
+    "sparsevlm_reference_depth": _at_least(0),
+    "sparsevlm_count": _choice("schedule", "rank"),
+    "sparsevlm_rank_scale": _positive(),
+    "sparsevlm_recycle": _BOOL,
     # clustering / merging ("> 0 for dbdpc" is a combination rule: custom clustering may get 0)
     "cutoff": _at_least(0, kind=float),
     "density_bandwidth": _positive(),

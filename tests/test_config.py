@@ -887,7 +887,10 @@ def test_out_of_range(changes: dict[str, Any], needles: list[str]) -> None:
 @pytest.mark.parametrize(
     ("changes", "needles"),
     [
-        ({"pruning": "eutii"}, ["'pruning'", "'none', 'euti', 'fastv'", "'custom'", "did you mean 'euti'"]),
+        (
+            {"pruning": "eutii"},
+            ["'pruning'", "'none'", "'euti'", "'fastv'", "'custom'", "did you mean 'euti'"],
+        ),
         ({"clustering": "DBDPC"}, ["'clustering'", "'agglomerative'", "'pooling'", "did you mean 'dbdpc'"]),
         ({"cluster_features": "key"}, ["'cluster_features'", "'keys_rope'", "'hidden'"]),
         ({"position_mode": "first"}, ["'position_mode'", "'center', 'mean', 'renumber'"]),

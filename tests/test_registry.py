@@ -47,6 +47,10 @@ PAIRS_BEFORE = {
     ("evs", "none"): "EVS",
     ("none", "holitom"): "HoliTom",
 }
+# Whole methods added since (issue 14's method pack), each pinned by its tests/test_method_<name>.py.
+PAIRS_BEFORE.update(
+    {("visionzip", "none"): "VisionZip", ("cdpruner", "none"): "CDPruner", ("sparsevlm", "none"): "SparseVLM"}
+)
 
 
 def test_every_pair_resolves_to_the_same_class_as_before_and_dbdpc_now_composes():
