@@ -23,7 +23,6 @@ from pact.ops.reduction import Reduction
 
 FAMILIES = testing.FAMILIES
 CONFIGS = config_names()
-HIRED_FAMILIES = ("llava", "llava_next", "llava_onevision")
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dbscan": {"dbscan_eps": 0.9},
     "holitom": {"holitom_inner_layer": 4},  # the official layer 18 of 28; the tiny models have 6
@@ -56,8 +55,8 @@ def families_of(name: str) -> list[str]:
     from pact.methods import REGISTRY
 
     cfg = pact.load_config(name)
-    supported = getattr(REGISTRY[(cfg.pruning, cfg.clustering)], "families", FAMILIES)  # e.g. EVS
-    return [f for f in FAMILIES if (name != "hired" or f in HIRED_FAMILIES) and f in supported]
+    supported = getattr(REGISTRY[(cfg.pruning, cfg.clustering)], "families", None)  # e.g. EVS
+    return [f for f in FAMILIES if supported is None or f in supported]
 
 
 # ---------------------------------------------------------------------------------------------------

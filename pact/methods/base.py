@@ -187,11 +187,16 @@ class Method(ABC):
     Override ``reduce``; override ``layers`` for progressive methods (default: ``[cfg.layer]``, or
     every layer from ``cfg.layer`` on when ``cfg.progressive``). ``input_layers`` lists earlier
     layers whose input hidden states ``Signals.layer_input`` must provide. ``needs_merge`` says
-    whether the method can return sizes > 1 (then proportional attention matters).
+    whether the method can return sizes > 1 (then proportional attention matters). ``families``:
+    the model families it runs on (None: every family; otherwise ``pact.apply`` refuses the others
+    with the reason, and the model tests run it on these only). ``inputs``: the visual input it
+    reduces, "any" or "video" (the model tests then feed it videos).
     """
 
     name: str = "method"
     needs_merge: bool = True
+    families: tuple[str, ...] | None = None
+    inputs: str = "any"
 
     def __init__(self, config: Any) -> None:
         self.config = config

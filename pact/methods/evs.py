@@ -38,12 +38,6 @@ from pact.models import ADAPTERS
 from pact.ops.reduction import Reduction
 from pact.ops.video import EVS_FIRST_FRAME_SCORE, evs_dissimilarity, evs_keep, evs_retained_count
 
-# Families whose adapter lays out a video's frames as separate images (InternVL: each frame is a
-# "Frame<i>: <img>...</img>" tile of its own, group kind "tile"), so the frames of one video cannot be
-# told apart from a run of images. An adapter attribute saying so is the missing piece (see the
-# report of issue 14); until then the method refuses them instead of silently leaving videos whole.
-_FRAMES_AS_IMAGES = ("internvl",)
-
 declare(
     PRUNING,
     "evs",
@@ -104,7 +98,8 @@ class EVS(Method):
 
     name = "evs"
     needs_merge = False
-    families = tuple(f for f, a in ADAPTERS.items() if a.has_video and f not in _FRAMES_AS_IMAGES)
+    # Frames laid out as separate images (InternVL) cannot be told apart from a run of images: refused.
+    families = tuple(f for f, a in ADAPTERS.items() if a.has_video and not a.video_frames_as_images)
     inputs = "video"
     """The kind of visual input the method reduces (tests feed such configs videos)."""
 

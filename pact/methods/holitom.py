@@ -39,7 +39,7 @@ import torch
 
 from pact.methods.base import CLUSTERING, Signals, declare, register
 from pact.methods.budget import target_count
-from pact.methods.evs import _FRAMES_AS_IMAGES, video_runs
+from pact.methods.evs import video_runs
 from pact.methods.layout import sample_groups
 from pact.methods.vision import VisionMethod
 from pact.ops.reduction import Reduction
@@ -105,7 +105,7 @@ class HoliTom(VisionMethod):
 
     @classmethod
     def supports(cls, adapter: Any) -> bool:
-        return super().supports(adapter) and adapter.has_video and adapter.family not in _FRAMES_AS_IMAGES
+        return super().supports(adapter) and adapter.has_video and not adapter.video_frames_as_images
 
     def layers(self, num_layers: int) -> list[int]:
         first = int(self.config.layer)

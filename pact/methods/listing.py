@@ -32,7 +32,8 @@ def describe(pruning: str, clustering: str) -> str:
 
 def families_of(factory: object) -> tuple[str, ...]:
     """Model families a method runs on (its ``families`` attribute; default: all)."""
-    return tuple(getattr(factory, "families", FAMILIES))
+    families = getattr(factory, "families", None)
+    return FAMILIES if families is None else tuple(families)
 
 
 def rows(family: str | None = None) -> list[tuple[str, str, str]]:

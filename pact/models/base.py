@@ -39,6 +39,9 @@ class ModelAdapter:
         model_types: ``config.model_type`` values this adapter accepts.
         mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
         has_video: the Hugging Face class and processor accept videos.
+        video_frames_as_images: a video reaches the language model as one image-like tile per frame
+            (InternVL: "Frame<i>: <img>...</img>"), so its frames cannot be told apart from a run of
+            images; methods that need a video's frames (EVS, HoliTom) refuse the family.
         default_checkpoint: hub id the lmms-eval model loads without ``pretrained=``.
         vision_probe_class: the ``pact.models.vision_probe.VisionProbe`` subclass of the family's
             vision encoder (None: vision-side methods do not run on this family).
@@ -55,6 +58,7 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     mrope: bool = False
     has_video: bool = False
+    video_frames_as_images: bool = False
     default_checkpoint: str = ""
     vision_probe_class: type[VisionProbe] | None = None
     base_and_sub_images: bool = False

@@ -53,6 +53,7 @@ class InternVLAdapter(ModelAdapter):
     class_names = ("InternVLForConditionalGeneration", "InternVLModel")
     model_types = ("internvl",)
     has_video = True
+    video_frames_as_images = True
     default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
     vision_probe_class = InternVLProbe
 
