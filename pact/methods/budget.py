@@ -181,3 +181,17 @@ def pruned_reduction(
     if sizes is not None:
         red.sizes = sizes[red.kept].float()
     return red
+
+
+def split_budget(total: int, shares: list[float]) -> list[int]:
+    """Integers summing to ``total`` proportional to ``shares`` (largest remainder, ties -> first):
+    one budget split over a sample's images, crops or grids."""
+    if not shares:
+        return []
+    ideal = [total * s for s in shares]
+    base = [math.floor(x) for x in ideal]
+    left = total - sum(base)
+    order = sorted(range(len(shares)), key=lambda i: (-(ideal[i] - base[i]), i))
+    for i in order[:left]:
+        base[i] += 1
+    return base

@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from pact.methods.base import PRUNING, Method, Signals, declare, register
-from pact.methods.budget import pruned_reduction, target_count
+from pact.methods.budget import pruned_reduction, split_budget, target_count
 from pact.methods.layout import sample_groups
-from pact.methods.vision import _split
 from pact.ops.dpp import dpp_greedy_map, instruction_relevance, relevance_weights
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import keep_count
@@ -92,7 +91,7 @@ class CDPruner(Method):
         if target is None:
             budgets = [keep_count(s, float(cfg.keep_ratio)) for s in sizes]
         else:
-            budgets = _split(target, [s / n for s in sizes] if n else [])
+            budgets = split_budget(target, [s / n for s in sizes] if n else [])
         kept = []
         for g, budget in zip(groups, budgets, strict=True):
             sel = dpp_greedy_map(

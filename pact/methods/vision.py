@@ -42,7 +42,6 @@ original computes on the selected features), layer 0 for HiRED's budget split.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 
 from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, register
-from pact.methods.budget import pruned_reduction, target_count
+from pact.methods.budget import pruned_reduction, split_budget, target_count
 from pact.methods.layout import Group, sample_groups
 from pact.models import ADAPTERS
 from pact.models.vision_probe import VisionProbe
@@ -491,7 +490,7 @@ class VisPruner(VisionMethod):
             kept = selected[sig["row"]].nonzero().squeeze(1)
         else:  # budget: split over the encoder images by their tokens in the sequence
             crops, counts = torch.unique(sig["crop"], return_counts=True)
-            budgets = _split(target, [c / n for c in counts.tolist()])
+            budgets = split_budget(target, [c / n for c in counts.tolist()])
             parts = []
             for c, b in zip(crops.tolist(), budgets, strict=True):
                 members = (sig["crop"] == c).nonzero().squeeze(1)
@@ -566,7 +565,7 @@ class PruMerge(VisionMethod):
         images = _image_slices(sample_groups(signals))
         parts: list[tuple[int, Reduction]] = []
         rates = [(b - a) / n for a, b, _ in images] if n else []
-        budgets = _split(target, rates) if target is not None else [None] * len(images)
+        budgets = split_budget(target, rates) if target is not None else [None] * len(images)
         for (start, stop, groups), budget in zip(images, budgets, strict=True):
             grid = (groups[0].rows, groups[0].cols) if len(groups) == 1 and lattice else None
             red = prumerge(
@@ -585,19 +584,6 @@ class PruMerge(VisionMethod):
                     red.extra = self.capture.project(red.extra)
             parts.append((start, red))
         return _concat(parts, n, signals.sizes, hidden.device)
-
-
-def _split(total: int, shares: list[float]) -> list[int]:
-    """Integers summing to ``total`` proportional to ``shares`` (largest remainder, ties -> first)."""
-    if not shares:
-        return []
-    ideal = [total * s for s in shares]
-    base = [math.floor(x) for x in ideal]
-    left = total - sum(base)
-    order = sorted(range(len(shares)), key=lambda i: (-(ideal[i] - base[i]), i))
-    for i in order[:left]:
-        base[i] += 1
-    return base
 
 
 def _concat(
@@ -794,7 +780,7 @@ class HiRED(VisionMethod):
                 selected[torch.cat(rows).to(device)] = True
             kept_all = selected[sig["row"]].nonzero().squeeze(1)
         else:
-            budgets = _split(target, [(b - a) / n for a, b, _ in images] if n else [])
+            budgets = split_budget(target, [(b - a) / n for a, b, _ in images] if n else [])
             kept = [
                 self._budget_image(sig, a, gs, bud) for (a, _, gs), bud in zip(images, budgets, strict=True)
             ]

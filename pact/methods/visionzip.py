@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from pact.methods.base import PRUNING, Signals, declare, register
-from pact.methods.budget import target_count
+from pact.methods.budget import split_budget, target_count
 from pact.methods.layout import sample_groups
-from pact.methods.vision import SignalSpec, VisionMethod, _split
+from pact.methods.vision import SignalSpec, VisionMethod
 from pact.models.vision_probe import VisionProbe
 from pact.ops.reduction import Reduction
 from pact.ops.visionzip import visionzip_counts, visionzip_crop
@@ -92,7 +92,7 @@ class VisionZip(VisionMethod):
         present = [int((sig["crop"] == c).sum()) for c in crops]
         target = target_count(self.config, n)
         if target is not None:
-            return _split(target, [p / n for p in present])
+            return split_budget(target, [p / n for p in present])
         cap_crop = self.captured(signals)["crop"]
         ratio = float(self.config.keep_ratio)
         return [min(int(int((cap_crop == c).sum()) * ratio), p) for c, p in zip(crops, present, strict=True)]
