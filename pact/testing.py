@@ -243,7 +243,9 @@ class TinyFamily:
     (``image_token`` ...); ``special_tokens``: tokens the family needs beyond ``SPECIAL_TOKENS``
     (added after the tokenizer is trained, so existing ids and merges never change);
     ``newline_placeholders``: the placeholder runs also hold the learned ``image_newline`` rows;
-    ``batch_limit``: what ``build_inputs`` cannot put in one batch.
+    ``batch_limit``: what ``build_inputs`` cannot put in one batch; ``mixes_images_and_videos``:
+    False when the stock processor cannot put images and videos in one batch (``build_inputs``
+    then refuses, naming ``batch_limit``).
     """
 
     config: Callable[[dict[str, Any], Mapping[str, Any] | None], Any]
@@ -255,6 +257,7 @@ class TinyFamily:
     special_tokens: tuple[str, ...] = ()
     newline_placeholders: bool = False
     batch_limit: str = _NO_LIMIT
+    mixes_images_and_videos: bool = True
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -505,6 +508,118 @@ def _internvl_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# SmolVLM2: 56-px sub-images of 7-px patches, pixel shuffle 2 -> 4 x 4 = 16 tokens per sub-image and
+# per global image; images up to 84 px on the longest edge, split into at most 2 x 2 sub-images.
+_SMOLVLM_SIZE = 56
+_SMOLVLM_PATCH = 7
+_SMOLVLM_SCALE = 2
+_SMOLVLM_TOKENS = (_SMOLVLM_SIZE // _SMOLVLM_PATCH // _SMOLVLM_SCALE) ** 2
+_SMOLVLM_TOKENS_AROUND = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
+    "<end_of_utterance>",
+)
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _spell_number(n: int) -> str:
+    """English words of 0..10 (the frame counts of the tiny videos), digits beyond."""
+    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
+
+
+def _smolvlm_number_words() -> None:
+    """The stock SmolVLM processor refuses to be built without the ``num2words`` package (it spells
+    a video's frame count in the prompt). The locked environment does not have it; test-kit only, it
+    then gets ``_spell_number`` (same words for the tiny videos' counts). Real checkpoints need the
+    package itself (``pip install num2words``)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        processing_smolvlm.num2words = _spell_number
+
+
+def _smolvlm_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": _SMOLVLM_SIZE,
+        "patch_size": _SMOLVLM_PATCH,
+    }
+    return T.SmolVLMConfig(
+        text_config={"model_type": "llama", **text},
+        vision_config=_merged(vision, vision_overrides),
+        image_token_id=token_id("<image>"),
+        scale_factor=_SMOLVLM_SCALE,
+    )
+
+
+def _smolvlm_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    _smolvlm_number_words()
+    size = {"longest_edge": _SMOLVLM_SIZE}
+    return T.SmolVLMProcessor(
+        image_processor=T.SmolVLMImageProcessor(
+            size={"longest_edge": _SMOLVLM_SIZE * 3 // 2}, max_image_size=size
+        ),
+        tokenizer=tokenizer,
+        video_processor=T.SmolVLMVideoProcessor(size=size, max_image_size=size),
+        image_seq_len=_SMOLVLM_TOKENS,
+        chat_template=template,
+    )
+
+
+# GLM-4.1V: Qwen2-VL-like ViT (14-px patches merged 2 x 2 by a convolution), 3-D M-RoPE on the first
+# half of each head (partial_rotary_factor 0.5), 16..64 tokens per image like the Qwen tiny models.
+_GLM4V_IDS = ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>")
+_GLM4V_IDS += ("<|begin_of_video|>", "<|end_of_video|>")
+
+
+def _glm4v_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    if "rope_parameters" not in text:
+        # M-RoPE sections over the rotary half of the rotary half-head (real: [8, 12, 12] of 32)
+        rotary_half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 4
+        section = _mrope_text({**text, "head_dim": 2 * rotary_half})["rope_parameters"]["mrope_section"]
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        text = {**text, "rope_parameters": {**rope, "mrope_section": section}}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "image_size": 112,
+    }
+    names = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id")
+    names += ("video_start_token_id", "video_end_token_id")
+    ids = {name: token_id(token) for name, token in zip(names, _GLM4V_IDS, strict=True)}
+    return T.Glm4vConfig(text_config=text, vision_config=_merged(vision, vision_overrides), **ids)
+
+
+def _glm4v_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    # GLM's smart_resize counts the 2 temporal copies of an image: twice Qwen's pixels, same tokens
+    size = {"shortest_edge": 2 * _QWEN_MIN_PIXELS, "longest_edge": 2 * _QWEN_MAX_PIXELS}
+    video = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16 * 4}
+    return T.Glm4vProcessor(
+        image_processor=T.Glm4vImageProcessor(size=size),
+        tokenizer=tokenizer,
+        # pre-sampled frames (no metadata): GLM4V samples by fps only with metadata
+        video_processor=T.Glm4vVideoProcessor(
+            size=video, max_image_size={"longest_edge": video["longest_edge"]}, do_sample_frames=False
+        ),
+        chat_template=template,
+    )
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -552,6 +667,36 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "video_token": "<video>",
         },
         batch_limit=_STACKED_FRAMES,
+    ),
+    "smolvlm": TinyFamily(
+        config=_smolvlm_config,
+        processor=_smolvlm_processor,
+        image_placeholder="<image>",
+        video_placeholder="<video>",
+        placeholder_tokens=("<image>",),  # video frames are <image> tokens too
+        tokenizer_attributes={
+            "image_token": "<image>",
+            "video_token": "<video>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+        special_tokens=_SMOLVLM_TOKENS_AROUND,
+        batch_limit="images and videos in one batch (the stock processor returns both as pixel_values: "
+        "the videos' replace the images')",
+        mixes_images_and_videos=False,
+    ),
+    "glm4v": TinyFamily(
+        config=_glm4v_config,
+        processor=_glm4v_processor,
+        image_placeholder="<|begin_of_image|><|image|><|end_of_image|>",
+        video_placeholder="<|begin_of_video|><|video|><|end_of_video|>",
+        placeholder_tokens=("<|image|>",),  # video frames are <|image|> tokens too
+        tokenizer_attributes={"image_token": "<|image|>", "video_token": "<|video|>"},
+        special_tokens=_GLM4V_IDS,
+        batch_limit="images and videos in one batch (the stock model scatters image features into the "
+        "image token positions of videos too: both use the <|image|> id)",
+        mixes_images_and_videos=False,
     ),
 }
 """family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
@@ -809,6 +954,8 @@ def build_inputs(
     videos = [list(v) for s in samples for v in s.get("videos") or ()]
     if videos and family not in VIDEO_FAMILIES:
         raise ValueError(f"{family} does not accept videos (video families: {', '.join(VIDEO_FAMILIES)})")
+    if videos and any(s.get("images") for s in samples) and not TINY_FAMILIES[family].mixes_images_and_videos:
+        raise ValueError(f"{family} cannot batch {TINY_FAMILIES[family].batch_limit}; build separate batches")
     texts = [
         processor.apply_chat_template(
             prompt_messages(s), tokenize=False, add_generation_prompt=add_generation_prompt

@@ -16,6 +16,7 @@ from conftest import ATTENTION, FAMILIES, PairMerge, greedy, inputs_for, model_f
 import pact
 import pact.api
 from pact import testing
+from pact.models import get_adapter
 
 L = 2  # reduction layer of the 4-layer tiny models
 
@@ -105,7 +106,7 @@ def test_apply_twice_replaces_previous_config():
         model(**x)
         assert pact.api.stats(model).layers == [3]
         assert len(pact.api.engine_of(model).handles) == n_hooks  # old hooks gone
-        layer0 = model.model.language_model.layers[0]
+        layer0 = get_adapter(model).text_model.layers[0]
         assert len(layer0._forward_pre_hooks) == 1
 
 
@@ -202,7 +203,8 @@ def test_cache_lengths_per_layer(family):
     valid = x["attention_mask"].sum(1)
     before, after = torch.tensor(st.visual_before), torch.tensor(st.visual_after)
     assert int((valid - before + after).max()) == R
-    lengths = [out.past_key_values.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    num_layers = len(get_adapter(model).layers)
+    lengths = [out.past_key_values.get_seq_length(i) for i in range(num_layers)]
     assert lengths == [T] * L + [R] * (len(lengths) - L)
 
 
@@ -212,7 +214,7 @@ def test_positions_kept_and_decode_continue_unreduced(family):
     Qwen: checked on the position ids too); decode steps get the stock (unreduced) positions."""
     model, _ = model_for(family)
     x = inputs_for(family, two_samples(family))
-    layers = model.model.language_model.layers
+    layers = get_adapter(model).text_model.layers
     seen: dict[str, list] = {"stock": [], "pact": []}
     key = ["stock"]
 
@@ -273,7 +275,7 @@ def test_positions_kept_and_decode_continue_unreduced(family):
 def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
     model, _ = model_for(family, attn)
     x = inputs_for(family, two_samples(family))
-    layers = model.model.language_model.layers
+    layers = get_adapter(model).text_model.layers
     masks: list[tuple[int, torch.Tensor]] = []
 
     def grab(i):
@@ -333,8 +335,8 @@ def test_proportional_attention_equals_duplicated_keys(attn):
     from pact.engine import build_attention_mask
 
     model, _ = model_for("qwen2_vl", attn)
-    layer = model.model.language_model.layers[L]
-    rotary = model.model.language_model.rotary_emb
+    layer = get_adapter(model).text_model.layers[L]
+    rotary = get_adapter(model).text_model.rotary_emb
     torch.manual_seed(0)
     D = model.config.get_text_config().hidden_size
     prefix, dup, tail, k = 3, torch.randn(1, 1, D), torch.randn(1, 4, D), 3
@@ -369,7 +371,7 @@ def test_sdpa_fast_path_is_used_and_equals_mask_path(family):
     model, _ = model_for(family, "sdpa")
     x = inputs_for(family, two_samples(family))
     assert not x["attention_mask"].all()  # left padding present
-    layers = model.model.language_model.layers
+    layers = get_adapter(model).text_model.layers
     seen: list[tuple[int, object, object]] = []
 
     def grab(i):

@@ -274,7 +274,9 @@ def test_multi_round_follows_doc_to_text_and_reduces_every_round(tiny_qwen):
     assert len(rounds) == 2 and all(s.visual_after < s.visual_before for s in rounds)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl", "smolvlm", "glm4v"]
+)
 def test_every_family_generates_and_scores_under_reduction(family, tmp_path):
     """Each registered model: generation and log-likelihoods at batch size 2 equal batch size 1,
     with a reduction on every image prompt (Qwen2-VL is covered in depth above)."""
@@ -407,7 +409,8 @@ def test_family_tables_are_derived_from_the_adapters():
     from pact.models import ADAPTERS
 
     assert tuple(ADAPTERS) == testing.FAMILIES == LISTED == tuple(FAMILIES) == tuple(FAMILY_CLASSES)
-    assert testing.VIDEO_FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+    assert testing.VIDEO_FAMILIES[:4] == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+    assert {"smolvlm", "glm4v"} <= set(testing.VIDEO_FAMILIES)
     for family, adapter in ADAPTERS.items():
         class_name, model_types, checkpoint, video = FAMILIES[family]
         assert (class_name, model_types, video) == (

@@ -27,7 +27,7 @@ class GroupsRecorder(PairMerge):
 
 def expected_groups(family: str, inputs) -> list[Group]:
     """Hand-worked grids of ``one_image`` (96 x 64 pixels) in the tiny models (see pact.testing)."""
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v"):
         _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
         return [Group(0, "image", 0, h // 2, w // 2)]  # 2x2 patches per merged token
     if family in ("llava_onevision", "llava_next"):
@@ -38,6 +38,10 @@ def expected_groups(family: str, inputs) -> list[Group]:
         return [Group(0, "image", 0, 6, 6)]  # one 84-pixel crop: 6 x 6 patches
     if family == "internvl":
         return [Group(0, "tile", 4 * t, 2, 2) for t in range(7)]  # 7 tiles of 2 x 2 tokens
+    if family == "smolvlm":
+        # 96 x 64 -> 84 x 56 -> 112 x 112: 2 x 2 sub-images of 56 px, then the global image; each is
+        # 8 x 8 patches of 7 px, pixel-shuffled 2 x 2 -> a 4 x 4 grid (text tokens between them)
+        return [Group(0, "tile", 16 * t, 4, 4) for t in range(4)] + [Group(0, "base", 64, 4, 4)]
     raise AssertionError(family)
 
 

@@ -20,11 +20,11 @@ import pact
 import pact.api
 from pact import testing
 from pact.methods.base import Method, Signals
-from pact.models import get_adapter
+from pact.models import ADAPTERS, get_adapter
 from pact.ops.reduction import Reduction
 
 L = 2
-MROPE = ("qwen2_vl", "qwen2_5_vl")
+MROPE = tuple(family for family, adapter in ADAPTERS.items() if adapter.mrope)
 
 
 class ReorderExtra(Method):
@@ -301,7 +301,9 @@ def test_renumber_logits_keep_input_length_and_stats_count_new_tokens(family, at
 def grab_rope(model, layers: tuple[int, ...]) -> tuple[list, list]:
     seen: list = []
     handles = [
-        model.model.language_model.layers[i].register_forward_pre_hook(
+        get_adapter(model)
+        .text_model.layers[i]
+        .register_forward_pre_hook(
             lambda m, a, k, i=i: seen.append((i, a[0].shape[1], k["position_embeddings"][0].clone())),
             with_kwargs=True,
         )
@@ -317,7 +319,7 @@ def test_renumber_positions_prefill_and_decode(family):
     stock positions. M-RoPE: exactly the stock (t, h, w) ids of the kept tokens and stock decoding."""
     model, _ = model_for(family)
     x = inputs_for(family, two_samples(family))
-    rotary = model.model.language_model.rotary_emb
+    rotary = get_adapter(model).text_model.rotary_emb
     stock_steps, handles = grab_rope(model, (0, L))
     try:
         greedy(model, x, n=3)

@@ -6,12 +6,14 @@ from __future__ import annotations
 from torch import nn
 
 from pact.models.base import ModelAdapter, unsupported_model_error
+from pact.models.glm4v import Glm4vAdapter
 from pact.models.internvl import InternVLAdapter
 from pact.models.llava import LlavaAdapter
 from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
+from pact.models.smolvlm import SmolVLMAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
@@ -22,6 +24,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaNextAdapter,
         LlavaAdapter,
         InternVLAdapter,
+        SmolVLMAdapter,
+        Glm4vAdapter,
     )
 }
 """Family name -> adapter class."""
