@@ -520,25 +520,6 @@ _SMOLVLM_TOKENS_AROUND = (
     *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
     "<end_of_utterance>",
 )
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def _spell_number(n: int) -> str:
-    """English words of 0..10 (the frame counts of the tiny videos), digits beyond."""
-    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
-
-
-def _smolvlm_number_words() -> None:
-    """The stock SmolVLM processor refuses to be built without the ``num2words`` package (it spells
-    a video's frame count in the prompt). The locked environment does not have it; test-kit only, it
-    then gets ``_spell_number`` (same words for the tiny videos' counts). Real checkpoints need the
-    package itself (``pip install num2words``)."""
-    from transformers.models.smolvlm import processing_smolvlm
-
-    if processing_smolvlm.num2words is None:
-        processing_smolvlm.num2words = _spell_number
-
-
 def _smolvlm_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
     import transformers as T
 
@@ -561,7 +542,6 @@ def _smolvlm_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | 
 def _smolvlm_processor(tokenizer: Any, template: str) -> Any:
     import transformers as T
 
-    _smolvlm_number_words()
     size = {"longest_edge": _SMOLVLM_SIZE}
     return T.SmolVLMProcessor(
         image_processor=T.SmolVLMImageProcessor(
