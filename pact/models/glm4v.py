@@ -42,3 +42,6 @@ class Glm4vAdapter(Qwen2VLAdapter):
     model_types = ("glm4v",)
     default_checkpoint = "zai-org/GLM-4.1V-9B-Thinking"
     vision_probe_class = Glm4vProbe
+    # Each video frame is its own <|begin_of_image|> ... <|end_of_image|> run after a timestamp, so
+    # its groups are images: EVS / HoliTom (which need a video's frame sequence) refuse the family.
+    video_frames_as_images = True

@@ -60,6 +60,7 @@ class SmolVLMAdapter(ModelAdapter):
     class_names = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
     model_types = ("smolvlm",)
     has_video = True
+    video_frames_as_images = True  # each frame is an image grid of its own: no frame layout for EVS/HoliTom
     default_checkpoint = "HuggingFaceTB/SmolVLM2-2.2B-Instruct"
     vision_probe_class = SmolVLMProbe
 
