@@ -505,6 +505,72 @@ def _internvl_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# Qwen3-VL: interleaved M-RoPE text decoder with q/k norms, 16-px patches merged 2 x 2 (32 px per
+# token, 16..64 tokens per image), and DeepStack: features of vision layers 0, 1, 2 added after text
+# layers 0, 1, 2 (three, like the released checkpoints, so a 4-layer decoder has a reduction layer
+# before, at and after each injection; hence a 3-layer vision tower).
+_QWEN3_VL_MIN_PIXELS = 32 * 32 * 16
+_QWEN3_VL_MAX_PIXELS = 32 * 32 * 64
+
+
+def _qwen3_vl_text(text: dict[str, Any]) -> dict[str, Any]:
+    """``text`` with Qwen3-VL's head_dim (its config default is 128) and interleaved M-RoPE sections
+    in the released proportions [24, 20, 20] of the rotary half-dimension (h and w take every third
+    frequency from 1 and 2, t the rest): [4, 2, 2] for head_dim 16."""
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    half = head_dim // 2
+    spatial = max(1, half * 20 // 64)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [half - 2 * spatial, spatial, spatial],
+    }
+    return {"head_dim": head_dim, "rope_parameters": rope, **text}
+
+
+def _qwen3_vl_vision(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 16,
+        "out_hidden_size": text["hidden_size"],
+        "num_position_embeddings": 256,
+        "deepstack_visual_indexes": [0, 1, 2],
+    }
+    return _merged(vision, vision_overrides)
+
+
+def _qwen3_vl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    return T.Qwen3VLConfig(
+        text_config=_qwen3_vl_text(text),
+        vision_config=_qwen3_vl_vision(text, vision_overrides),
+        **_qwen_ids(),
+    )
+
+
+def _qwen3_vl_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    image = T.Qwen2VLImageProcessor(
+        size={"shortest_edge": _QWEN3_VL_MIN_PIXELS, "longest_edge": _QWEN3_VL_MAX_PIXELS},
+        patch_size=16,
+        merge_size=2,
+    )
+    # frames are given already sampled (no file, no fps): keep them all, as the Qwen2-VL entries do
+    video = T.Qwen3VLVideoProcessor(
+        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16},
+        cap_pixels_per_frame=True,
+        do_sample_frames=False,
+    )
+    return T.Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=template
+    )
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -553,6 +619,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         batch_limit=_STACKED_FRAMES,
     ),
+    "qwen3_vl": TinyFamily(config=_qwen3_vl_config, processor=_qwen3_vl_processor, **_QWEN_ENTRY),
 }
 """family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
 
