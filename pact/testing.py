@@ -560,9 +560,10 @@ def _qwen3_vl_processor(tokenizer: Any, template: str) -> Any:
         patch_size=16,
         merge_size=2,
     )
-    # frames are given already sampled (no file, no fps): keep them all, as the Qwen2-VL entries do
+    # frames are given already sampled (no file, no fps): keep them all, as the Qwen2-VL entries do;
+    # a 4-frame sample_video() gives 2 temporal steps of 2 x 3 tokens
     video = T.Qwen3VLVideoProcessor(
-        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16},
+        size={"shortest_edge": 32 * 32 * 8, "longest_edge": 32 * 32 * 32},
         cap_pixels_per_frame=True,
         do_sample_frames=False,
     )
