@@ -552,6 +552,18 @@ def _qwen3_vl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] |
     )
 
 
+def _qwen3_vl_moe_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    """Qwen3-VL-MoE: the same, with every decoder MLP a mixture of 4 experts (2 per token)."""
+    import transformers as T
+
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1}
+    return T.Qwen3VLMoeConfig(
+        text_config={**moe, **_qwen3_vl_text(text)},
+        vision_config=_qwen3_vl_vision(text, vision_overrides),
+        **_qwen_ids(),
+    )
+
+
 def _qwen3_vl_processor(tokenizer: Any, template: str) -> Any:
     import transformers as T
 
@@ -621,6 +633,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         batch_limit=_STACKED_FRAMES,
     ),
     "qwen3_vl": TinyFamily(config=_qwen3_vl_config, processor=_qwen3_vl_processor, **_QWEN_ENTRY),
+    "qwen3_vl_moe": TinyFamily(config=_qwen3_vl_moe_config, processor=_qwen3_vl_processor, **_QWEN_ENTRY),
 }
 """family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
 

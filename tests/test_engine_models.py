@@ -32,8 +32,9 @@ LAYER_CALL_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "p
 EXTRA_CALL_KWARGS = {
     "llava_onevision": {"logits_to_keep"},
     "internvl": {"image_sizes"},
+    "qwen3_vl_moe": {"output_router_logits"},
 }  # via **kwargs, unused
-MISSING_CALL_KWARGS = {"qwen3_vl": {"use_cache"}}  # its text model does not pass use_cache (unused)
+MISSING_CALL_KWARGS = {"qwen3_vl": {"use_cache"}, "qwen3_vl_moe": {"use_cache"}}  # not passed (unused)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

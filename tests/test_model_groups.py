@@ -38,7 +38,7 @@ def expected_groups(family: str, inputs) -> list[Group]:
         return [Group(0, "image", 0, 6, 6)]  # one 84-pixel crop: 6 x 6 patches
     if family == "internvl":
         return [Group(0, "tile", 4 * t, 2, 2) for t in range(7)]  # 7 tiles of 2 x 2 tokens
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         # 32-pixel tokens (16-px patches merged 2 x 2), at least 16: 64 x 96 pixels (6 tokens) are
         # scaled by sqrt(16 / 6) and rounded up to 128 x 160 pixels, 4 x 5 tokens
         return [Group(0, "image", 0, 4, 5)]

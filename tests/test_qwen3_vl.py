@@ -268,3 +268,86 @@ def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
     }
     stock, reduced = rows["no"], rows["PACT"]
     assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# InternVL3.5: the internvl family with a Qwen3 decoder (per-head q/k norms)
+
+_INTERNVL35: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True)
+def _remove_from_internvl35():
+    """These models are not conftest's: leave none of them with pact applied."""
+    yield
+    for model, _ in _INTERNVL35.values():
+        pact.api.remove(model)
+
+
+def internvl35(attn: str = "sdpa", **text: Any) -> tuple[Any, Any]:
+    """Tiny InternVL with a ``qwen3`` text config (InternVL3.5's layout), q/k norm weights random."""
+    key = repr(sorted(text.items()))
+    if key not in _INTERNVL35:
+        overrides = {"model_type": "qwen3", "head_dim": 16, **text}
+        model, processor = testing.tiny_pair("internvl", text_overrides=overrides)
+        with torch.no_grad():
+            for layer in get_adapter(model).layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        _INTERNVL35[key] = (model.eval(), processor)
+    model, processor = _INTERNVL35[key]
+    model.set_attn_implementation(attn)
+    return model, processor
+
+
+def test_internvl35_queries_keys_are_what_attention_receives():
+    from test_qk_contract import contract_errors
+
+    model, processor = internvl35()
+    adapter = get_adapter(model)
+    assert type(adapter).__name__ == "InternVLAdapter" and model.config.text_config.model_type == "qwen3"
+    assert hasattr(adapter.layers[0].self_attn, "q_norm")
+    x = testing.build_inputs("internvl", processor, [one_image("internvl"), {"question": "Only text here."}])
+    for layer_index in (0, len(adapter.layers) - 1):
+        assert contract_errors(adapter, x, layer_index) == []
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_internvl35_engine_guarantees(attn):
+    """PACT on InternVL3.5's layout: reduction off is stock bit for bit, a left-padded batch equals
+    each sample alone, cached equals uncached, text-only afterwards is stock."""
+    model, processor = internvl35(attn)
+    samples = [
+        one_image("internvl", 0),
+        {"question": "Only text here, a longer prompt."},
+        one_image("internvl", 1, (64, 120)),
+    ]
+    x = testing.build_inputs("internvl", processor, samples)
+    with torch.no_grad():
+        stock = model(**x).logits
+    pact.api.apply(model, pact.load_config("no_reduction"))
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, stock)
+    pact.api.apply(model, pact.load_config("pact", layer=2))
+    cached = greedy(model, x, n=3)
+    st = pact.api.stats(model)
+    assert st.visual_after[0] < st.visual_before[0] and st.visual_before[1] == 0
+    assert torch.equal(cached, greedy(model, x, n=3, use_cache=False))
+    for b, sample in enumerate(samples):
+        alone = testing.build_inputs("internvl", processor, [sample])
+        assert torch.equal(cached[b], greedy(model, alone, n=3)[0]), f"sample {b}"
+    text = testing.build_inputs("internvl", processor, [{"question": "Only text here."}])
+    with torch.no_grad():
+        reduced = model(**text).logits
+        pact.api.remove(model)
+        assert torch.equal(reduced, model(**text).logits)
+
+
+def test_internvl35_sliding_window_decoder_is_refused():
+    model, _ = internvl35(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert get_adapter(model).layers[0].self_attn.sliding_window == 8
+    with pytest.raises(
+        ValueError, match=r"InternVLForConditionalGeneration: its qwen3 decoder has sliding-window"
+    ):
+        pact.api.apply(model, pact.load_config("pact", layer=2))
+    assert "_pact_engine" not in model.__dict__

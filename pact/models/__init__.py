@@ -12,7 +12,7 @@ from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
-from pact.models.qwen3_vl import Qwen3VLAdapter
+from pact.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
@@ -24,6 +24,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaAdapter,
         InternVLAdapter,
         Qwen3VLAdapter,
+        Qwen3VLMoeAdapter,
     )
 }
 """Family name -> adapter class."""
