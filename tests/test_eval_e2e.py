@@ -230,12 +230,12 @@ def _model_args(cmd: list[str]) -> dict:
 def _check_commands(cmds: list[list[str]]) -> list:
     """Every command names a registered pact model and a valid configuration; returns the configs."""
     from pact.config import load_config
-    from pact.eval.manifest import ENTRY_POINTS
+    from pact.eval.manifest import MANIFESTS
     from pact.eval.models import LOADING_OPTIONS, parse_value
 
     configs = []
     for cmd in cmds:
-        assert cmd[cmd.index("--model") + 1] in ENTRY_POINTS
+        assert cmd[cmd.index("--model") + 1] in {m.model_id for m in MANIFESTS}
         kwargs = _model_args(cmd)
         overrides = {k: parse_value(v) for k, v in kwargs.items() if k not in LOADING_OPTIONS}
         configs.append(load_config(kwargs.get("pact_config"), **overrides))
