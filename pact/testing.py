@@ -20,6 +20,9 @@ Families (``FAMILIES``) and their Hugging Face classes (text decoder / vision to
 - ``llava_next``: LlavaNextForConditionalGeneration (llama / CLIP minus [CLS], anyres + image_newline)
 - ``llava``: LlavaForConditionalGeneration, LLaVA-1.5 (llama / CLIP minus [CLS], one fixed crop)
 - ``internvl``: InternVLForConditionalGeneration, HF-native InternVL3 (qwen2 / InternViT, tiles)
+- ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen3VL(Moe)ForConditionalGeneration (Qwen3-VL text with q/k
+  norms, interleaved M-RoPE, DeepStack after layers 0-2 / 3-layer Qwen3-VL ViT, 32-px tokens; 20
+  tokens for the default image, 2 x 6 for the 4-frame video, one run per frame)
 
 Visual tokens of the default ``sample_image()`` (96 x 64): 20 (Qwen), 70 (LLaVA-OneVision/-NeXT,
 of which 6 are image_newline slots), 36 (LLaVA-1.5), 28 (InternVL, 7 tiles of 4); a 4-frame
