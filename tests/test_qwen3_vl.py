@@ -225,6 +225,27 @@ def test_deepstack_engine_guarantees(layer, attn):
     assert torch.equal(reduced, stock)
 
 
+def test_layer0_decode_positions_continue_the_unreduced_timeline():
+    """Layer 0 reduced, a hand-written decode loop without position_ids: the adapter's
+    ``decode_position_ids`` (Qwen2-VL's cached branch with ``rope_deltas``, which Qwen3-VL's
+    ``compute_3d_position_ids`` shares) give what ``generate`` gives with its own 3-D positions."""
+    model, _ = model_for(FAMILY)
+    x = inputs_for(FAMILY, [one_image(FAMILY, 0, (64, 120))])
+    apply_even(model, 0, merge=True)
+    with torch.no_grad():
+        out = model(**x, use_cache=True)
+        assert out.past_key_values.get_seq_length(0) < x["input_ids"].shape[1]
+        tokens = [out.logits[:, -1].argmax(-1)]
+        mask = x["attention_mask"]
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(
+                input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=out.past_key_values
+            )
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), greedy(model, x, n=4))
+
+
 def test_video_frames_are_runs_separated_by_timestamps():
     """The processor writes a timestamp before every frame: each frame is its own run of visual
     tokens and its own grid (one image each for the grid-based methods)."""
