@@ -70,6 +70,7 @@ from pact import attention_backend
 from pact.methods.base import Method, Signals
 from pact.models.base import ModelAdapter
 from pact.ops.attention import build_attention_mask
+from pact.ops.merge import cluster_means
 from pact.ops.reduction import Reduction
 from pact.packing import (
     Layout,
@@ -192,6 +193,7 @@ class Reduced:
     records: list[list[ReductionRecord | None]] = field(default_factory=list)  # per step, per sample
     layers_done: list[int] = field(default_factory=list)
     timer: _Timer = field(default_factory=_Timer)
+    injection: FollowedInjection | None = None  # visual features added after some layers (DeepStack)
 
 
 @dataclass
@@ -207,6 +209,25 @@ class CallProgress:
     # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
     decode_positions: torch.Tensor | None = None
     decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class FollowedInjection:
+    """Visual features the text model adds after some decoder layers (``VisualInjection``, e.g.
+    Qwen3-VL's DeepStack), taken over by the engine for a reduced prefill and kept in step with its
+    layout.
+
+    features: decoder layer k -> (M, D) rows added after layer k (the model's tensors; a reduction
+        step writes merged rows into a copy, see ``owned``).
+    rows: (B, R) long, for each slot of the current layout the row of ``features`` it receives, -1
+        for none (text, padding, new tokens). A merged token's row is its center's, overwritten with
+        the merged feature; removed tokens' rows are no longer referenced.
+    owned: layers whose ``features`` tensor is the engine's copy (written in place).
+    """
+
+    features: dict[int, torch.Tensor]
+    rows: torch.Tensor
+    owned: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -266,6 +287,8 @@ class Engine:
                 self.handles.append(
                     layer.register_forward_pre_hook(self._reduce_and_feed_hook(i), with_kwargs=True)
                 )
+                if a.injects_visual_features:
+                    self.handles.append(layer.register_forward_hook(self._inject_hook(i)))
             if self.method is not None:
                 self.handles.extend(self.method.install(self.model, a))
                 if self.fast_sdpa:
@@ -416,6 +439,8 @@ class Engine:
                     3 if self.adapter.mrope else 1, pre.batch, pre.length
                 )
             pre.positions = pos
+            if self.adapter.injects_visual_features:
+                self._take_injection(kwargs)
         else:
             if self.first_layer == 0:
                 # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache
@@ -571,6 +596,7 @@ class Engine:
             )
         plans: list[SamplePlan] = []
         step_records: list[ReductionRecord | None] = []
+        reductions: list[Reduction | None] = []
         previous = red.records[-1] if red.records else None
         for b in range(hidden.shape[0]):
             slots = torch.nonzero(valid_rows[b], as_tuple=False).flatten()  # (n,)
@@ -599,9 +625,12 @@ class Engine:
                     )
             else:
                 step_records.append(None)
+            reductions.append(reduction)
         packing = pack_batch(plans, old_length=hidden.shape[1])
         new_hidden = pack_hidden(hidden, packing)
         new = gather_layout(red.layout, packing)
+        if red.injection is not None:
+            self._follow_injection(i, reductions, packing)
         if self.renumber:
             # Contiguous positions over each sample's reduced sequence, from the position the stock
             # model gave the sample's first token (0 unless left padding offsets it), as the stock
@@ -692,6 +721,73 @@ class Engine:
         cos, sin = self.adapter.rotary(lay.cos[b : b + 1, :R].float(), mean[:, None, :])
         lay.cos[b, slots[kept_pos]] = cos[0].to(lay.cos.dtype)
         lay.sin[b, slots[kept_pos]] = sin[0].to(lay.sin.dtype)
+
+    # --- visual features added after decoder layers (Qwen3-VL's DeepStack) -----------------------
+
+    def _take_injection(self, kwargs: dict) -> None:
+        """Text-model pre-hook of a reduced prefill: take the visual features the model would add
+        after some decoder layers out of the call (``ModelAdapter.take_visual_injection``); the
+        layers' post-hooks add them to the current layout instead."""
+        pre = self.state.prefill
+        taken = self.adapter.take_visual_injection(kwargs)
+        if taken is None:
+            return
+        mask = taken.mask.to(pre.candidates.device)
+        if bool((pre.candidates & ~mask).any()):
+            raise ValueError(
+                f"{self.adapter.family}: some visual candidates receive no injected feature; pact cannot "
+                "combine the features of merged tokens"
+            )
+        flat = mask.flatten()
+        rows = torch.where(flat, flat.long().cumsum(0) - 1, -1).view(mask.shape)
+        self.state.reduced.injection = FollowedInjection(features=dict(taken.features), rows=rows)
+
+    def _follow_injection(self, i: int, reductions: list[Reduction | None], packing: Any) -> None:
+        """Reduction step at layer i: the features still to be added (layers >= i) follow the new
+        layout. A kept token keeps its row; a merged token's row (its center's) gets the size-weighted
+        mean of its members' features, the combination every merging method gives its hidden state
+        (``Reduction.hidden``; None: the center keeps its own); new tokens get none."""
+        inj, lay = self.state.reduced.injection, self.state.reduced.layout
+        pending = list(inj.features)  # the layers >= i (each is dropped once added)
+        rows = inj.rows.to(lay.slot_orig.device)
+        for b, reduction in enumerate(reductions):
+            if reduction is None or reduction.hidden is None or not pending or not reduction.kept.numel():
+                continue
+            slots = torch.nonzero(lay.slot_orig[b] >= 0, as_tuple=False).flatten()
+            vis_slots = slots[lay.visual[b, slots]]  # (N,) the current visual tokens, in order
+            member_rows = rows[b, vis_slots]  # (N,) all >= 0: candidates receive features
+            labels = reduction.labels.to(rows.device)
+            kept_rows = member_rows[reduction.kept.to(rows.device)]
+            weights = lay.sizes[b, vis_slots]
+            for k in pending:
+                features = inj.features[k]
+                merged = cluster_means(
+                    features[member_rows.to(features.device)], labels.to(features.device),
+                    int(reduction.kept.numel()), weights.to(features.device),
+                )  # fmt: skip
+                if k not in inj.owned:
+                    features = inj.features[k] = features.clone()
+                    inj.owned.add(k)
+                features[kept_rows.to(features.device)] = merged.to(features.dtype)
+        # gather to the new slots; padding and new tokens receive nothing
+        gathered = rows.gather(1, packing.index)
+        inj.rows = torch.where(packing.slot_ok & ~packing.is_new, gathered, -1)
+
+    def _inject_hook(self, i: int) -> Any:
+        """Post-hook of decoder layer i: add the features the model adds after layer i (if any) to the
+        current layout's slots (``ModelAdapter.inject``, the model's own addition)."""
+
+        def hook(layer: nn.Module, args: tuple, output: Any) -> Any:
+            inj = self.state.reduced.injection
+            if inj is None or not self.state.call.is_prefill or i not in inj.features:
+                return output
+            mask = inj.rows >= 0
+            features = inj.features.pop(i)  # added once: later reduction steps need not follow it
+            if not inj.features:
+                self.state.reduced.injection = None
+            return self.adapter.inject(output, mask, features[inj.rows[mask].to(features.device)])
+
+        return hook
 
 
 def _is_dynamic_cache(cache: Any) -> bool:

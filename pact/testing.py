@@ -20,6 +20,9 @@ Families (``FAMILIES``) and their Hugging Face classes (text decoder / vision to
 - ``llava_next``: LlavaNextForConditionalGeneration (llama / CLIP minus [CLS], anyres + image_newline)
 - ``llava``: LlavaForConditionalGeneration, LLaVA-1.5 (llama / CLIP minus [CLS], one fixed crop)
 - ``internvl``: InternVLForConditionalGeneration, HF-native InternVL3 (qwen2 / InternViT, tiles)
+- ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen3VL(Moe)ForConditionalGeneration (Qwen3-VL text with q/k
+  norms, interleaved M-RoPE, DeepStack after layers 0-2 / 3-layer Qwen3-VL ViT, 32-px tokens; 20
+  tokens for the default image, 2 x 6 for the 4-frame video, one run per frame)
 
 Visual tokens of the default ``sample_image()`` (96 x 64): 20 (Qwen), 70 (LLaVA-OneVision/-NeXT,
 of which 6 are image_newline slots), 36 (LLaVA-1.5), 28 (InternVL, 7 tiles of 4); a 4-frame
@@ -520,6 +523,8 @@ _SMOLVLM_TOKENS_AROUND = (
     *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
     "<end_of_utterance>",
 )
+
+
 def _smolvlm_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
     import transformers as T
 
@@ -600,6 +605,85 @@ def _glm4v_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# Qwen3-VL: interleaved M-RoPE text decoder with q/k norms, 16-px patches merged 2 x 2 (32 px per
+# token, 16..64 tokens per image), and DeepStack: features of vision layers 0, 1, 2 added after text
+# layers 0, 1, 2 (three, like the released checkpoints, so a 4-layer decoder has a reduction layer
+# before, at and after each injection; hence a 3-layer vision tower).
+_QWEN3_VL_MIN_PIXELS = 32 * 32 * 16
+_QWEN3_VL_MAX_PIXELS = 32 * 32 * 64
+
+
+def _qwen3_vl_text(text: dict[str, Any]) -> dict[str, Any]:
+    """``text`` with Qwen3-VL's head_dim (its config default is 128) and interleaved M-RoPE sections
+    in the released proportions [24, 20, 20] of the rotary half-dimension (h and w take every third
+    frequency from 1 and 2, t the rest): [4, 2, 2] for head_dim 16."""
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    half = head_dim // 2
+    spatial = max(1, half * 20 // 64)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [half - 2 * spatial, spatial, spatial],
+    }
+    return {"head_dim": head_dim, "rope_parameters": rope, **text}
+
+
+def _qwen3_vl_vision(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 16,
+        "out_hidden_size": text["hidden_size"],
+        "num_position_embeddings": 256,
+        "deepstack_visual_indexes": [0, 1, 2],
+    }
+    return _merged(vision, vision_overrides)
+
+
+def _qwen3_vl_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    return T.Qwen3VLConfig(
+        text_config=_qwen3_vl_text(text),
+        vision_config=_qwen3_vl_vision(text, vision_overrides),
+        **_qwen_ids(),
+    )
+
+
+def _qwen3_vl_moe_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    """Qwen3-VL-MoE: the same, with every decoder MLP a mixture of 4 experts (2 per token)."""
+    import transformers as T
+
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1}
+    return T.Qwen3VLMoeConfig(
+        text_config={**moe, **_qwen3_vl_text(text)},
+        vision_config=_qwen3_vl_vision(text, vision_overrides),
+        **_qwen_ids(),
+    )
+
+
+def _qwen3_vl_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    image = T.Qwen2VLImageProcessor(
+        size={"shortest_edge": _QWEN3_VL_MIN_PIXELS, "longest_edge": _QWEN3_VL_MAX_PIXELS},
+        patch_size=16,
+        merge_size=2,
+    )
+    # frames are given already sampled (no file, no fps): keep them all, as the Qwen2-VL entries do;
+    # a 4-frame sample_video() gives 2 temporal steps of 2 x 3 tokens
+    video = T.Qwen3VLVideoProcessor(
+        size={"shortest_edge": 32 * 32 * 8, "longest_edge": 32 * 32 * 32},
+        cap_pixels_per_frame=True,
+        do_sample_frames=False,
+    )
+    return T.Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=template
+    )
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -648,6 +732,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         },
         batch_limit=_STACKED_FRAMES,
     ),
+    "qwen3_vl": TinyFamily(config=_qwen3_vl_config, processor=_qwen3_vl_processor, **_QWEN_ENTRY),
+    "qwen3_vl_moe": TinyFamily(config=_qwen3_vl_moe_config, processor=_qwen3_vl_processor, **_QWEN_ENTRY),
     "smolvlm": TinyFamily(
         config=_smolvlm_config,
         processor=_smolvlm_processor,

@@ -256,7 +256,7 @@ def test_positions_kept_and_decode_continue_unreduced(family):
     assert len(decode_pact) == len(decode_stock) > 0
     for a, b in zip(decode_stock, decode_pact, strict=True):
         assert a[0] == b[0] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if pact.api.engine_of(model).adapter.mrope:
         rope, _ = model.model.get_rope_index(
             x["input_ids"],
             mm_token_type_ids=x["mm_token_type_ids"],

@@ -32,8 +32,13 @@ LAYER_CALL_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "p
 EXTRA_CALL_KWARGS = {
     "llava_onevision": {"logits_to_keep"},
     "internvl": {"image_sizes"},
+    "qwen3_vl_moe": {"output_router_logits"},
 }  # via **kwargs, unused
-MISSING_CALL_KWARGS = {"glm4v": {"use_cache"}}  # Glm4vTextModel does not pass it to its layers
+MISSING_CALL_KWARGS = {
+    "glm4v": {"use_cache"},  # Glm4vTextModel does not pass it to its layers
+    "qwen3_vl": {"use_cache"},  # not passed (unused)
+    "qwen3_vl_moe": {"use_cache"},
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -497,3 +497,22 @@ def test_accelerate_launch_two_cpu_processes(tiny_dirs, lmms_env, tmp_path):
     assert len({d for d in docs if d[0] == "pact_tiny_vqa"}) == 7
     assert 0 < metrics["summary"]["reduction_ratio"] < 1
     assert results["n-samples"]["pact_tiny_vqa"]["effective"] == 7
+
+
+def test_qwen3_vl_script_is_the_qwen2_vl_run_on_qwen3_vl():
+    """pact_qwen3-vl-8b.sh: the paper's 12 Qwen2-VL tasks, its PACT point, Qwen3-VL-8B-Instruct on
+    pact_qwen3_vl (the MoE checkpoints through LMMS_MODEL)."""
+    qwen2 = _dry_run("pact_qwen2-vl-7b.sh")
+    qwen3 = _dry_run("pact_qwen3-vl-8b.sh")
+    assert len(qwen3) == len(qwen2) == 2 * 12
+    tasks = [cmd[cmd.index("--tasks") + 1] for cmd in qwen3]
+    assert tasks == [cmd[cmd.index("--tasks") + 1] for cmd in qwen2]
+    assert {
+        (c.layer, c.keep_ratio, c.cutoff, c.pruning, c.clustering)
+        for c in _check_commands(qwen3)
+        if c.reduction
+    } == {(4, 0.8, 0.1, "euti", "dbdpc")}
+    assert all(cmd[cmd.index("--model") + 1] == "pact_qwen3_vl" for cmd in qwen3)
+    assert {_model_args(cmd)["pretrained"] for cmd in qwen3} == {"Qwen/Qwen3-VL-8B-Instruct"}
+    moe = _dry_run("pact_qwen3-vl-8b.sh", LMMS_MODEL="pact_qwen3_vl_moe", TASKS="mme")
+    assert [cmd[cmd.index("--model") + 1] for cmd in moe] == ["pact_qwen3_vl_moe"] * 2

@@ -42,6 +42,10 @@ def expected_groups(family: str, inputs) -> list[Group]:
         # 96 x 64 -> 84 x 56 -> 112 x 112: 2 x 2 sub-images of 56 px, then the global image; each is
         # 8 x 8 patches of 7 px, pixel-shuffled 2 x 2 -> a 4 x 4 grid (text tokens between them)
         return [Group(0, "tile", 16 * t, 4, 4) for t in range(4)] + [Group(0, "base", 64, 4, 4)]
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        # 32-pixel tokens (16-px patches merged 2 x 2), at least 16: 64 x 96 pixels (6 tokens) are
+        # scaled by sqrt(16 / 6) and rounded up to 128 x 160 pixels, 4 x 5 tokens
+        return [Group(0, "image", 0, 4, 5)]
     raise AssertionError(family)
 
 

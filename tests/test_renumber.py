@@ -136,6 +136,30 @@ def shortened(
     return source, torch.stack(rows)
 
 
+def short_injection_kwargs(model, x, source: list[int]) -> dict:
+    """The DeepStack arguments (Qwen3-VL) that give the stock text model the features of the
+    shortened sequence's rows (sample 0 of ``x``): a kept token its own, a new token none. Empty for
+    families whose text model adds no visual features."""
+    adapter = get_adapter(model)
+    if not adapter.injects_visual_features:
+        return {}
+    got = []
+    handle = adapter.text_model.register_forward_pre_hook(
+        lambda m, a, k: got.append(adapter.take_visual_injection(dict(k))), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        handle.remove()
+    mask = got[0].mask[0]
+    row_of = mask.long().cumsum(0) - 1
+    receives = [t >= 0 and bool(mask[t]) for t in source]
+    rows = torch.tensor([int(row_of[t]) for t, r in zip(source, receives, strict=True) if r])
+    features = [got[0].features[k][rows] for k in sorted(got[0].features)]
+    return {"visual_pos_masks": torch.tensor(receives)[None], "deepstack_visual_embeds": features}
+
+
 def mrope_positions(model, x) -> torch.Tensor:
     """(3, B, T) the stock M-RoPE position ids of the full prompt."""
     rope, _ = model.model.get_rope_index(
@@ -201,8 +225,9 @@ def test_renumber_at_layer_0_equals_stock_model_on_shortened_input(family, attn)
             prev = t if t >= 0 else prev
             cols.append(prev)
         positions = full[:, cols][:, None]
+    deepstack = short_injection_kwargs(model, x, source)
     with torch.no_grad():
-        hidden = text_model(inputs_embeds=short[None], position_ids=positions).last_hidden_state
+        hidden = text_model(inputs_embeds=short[None], position_ids=positions, **deepstack).last_hidden_state
         stock = model.lm_head(hidden)[0]
     rows = [r for r, t in enumerate(source) if t >= 0]
     torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)

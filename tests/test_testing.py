@@ -45,6 +45,7 @@ def _record_vision_rows(model: Any) -> list[int]:
     """Patch the instance's get_image_features/get_video_features to record how many embedding rows
     the vision side hands to the language model in the next forward (per call)."""
     rows: list[int] = []
+    depth = [0]  # Qwen3-VL's get_video_features calls get_image_features: count the outer call only
     core = model.model
     for name in ("get_image_features", "get_video_features"):
         original = getattr(core, name, None)
@@ -52,7 +53,13 @@ def _record_vision_rows(model: Any) -> list[int]:
             continue
 
         def wrapper(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            out = _original(*args, **kwargs)
+            depth[0] += 1
+            try:
+                out = _original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0]:
+                return out
             pooled = out.pooler_output
             tensors = [pooled] if torch.is_tensor(pooled) else list(pooled)
             rows.append(sum(t.reshape(-1, t.shape[-1]).shape[0] for t in tensors))

@@ -13,6 +13,7 @@ from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
+from pact.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 from pact.models.smolvlm import SmolVLMAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -24,6 +25,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaNextAdapter,
         LlavaAdapter,
         InternVLAdapter,
+        Qwen3VLAdapter,
+        Qwen3VLMoeAdapter,
         SmolVLMAdapter,
         Glm4vAdapter,
     )

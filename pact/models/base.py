@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -303,6 +304,38 @@ class ModelAdapter:
         """Per sample groups when every ``per_image`` consecutive candidates form one square grid."""
         candidates = self.candidate_mask(input_ids, inputs)
         return [square_groups([n for _, n in runs(row)], per_image, kind) for row in candidates]
+
+    # --- features added to visual tokens inside the decoder (Qwen3-VL's DeepStack) --------------
+
+    injects_visual_features: bool = False
+    """The text model adds per-visual-token features to the hidden states after some decoder layers
+    (Qwen3-VL's DeepStack). True: the engine takes them out of the text model's call
+    (``take_visual_injection``) and adds them itself after those layers (``inject``), following the
+    reductions."""
+
+    def take_visual_injection(self, kwargs: dict[str, Any]) -> VisualInjection | None:
+        """Text-model pre-hook of a reduced prefill: remove the visual features the text model would
+        add after some decoder layers from its keyword arguments ``kwargs`` (in place) and return them
+        (None: this call has none). Only called when ``injects_visual_features``."""
+        return None
+
+    def inject(self, hidden: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (B, R, D) with ``features`` (M, D) added at the M positions of ``mask`` (B, R)
+        (row-major order), computed exactly as the model adds them."""
+        raise NotImplementedError(f"{self.family}: injects_visual_features without an inject()")
+
+
+@dataclass
+class VisualInjection:
+    """Visual features a text model adds to the hidden states after some of its decoder layers.
+
+    mask: (B, T) bool, the prefill positions that receive features.
+    features: decoder layer index k -> (M, D) features added to the output of layer k, one row per
+        True of ``mask`` in row-major (sample, position) order (M = mask.sum()).
+    """
+
+    mask: torch.Tensor
+    features: dict[int, torch.Tensor]
 
 
 def unsupported_model_error(model: nn.Module, supported: Mapping[str, type[ModelAdapter]]) -> ValueError:

@@ -2,6 +2,11 @@
 
 Visual candidates are the ``<IMG_CONTEXT>`` tokens between ``<img>`` and ``</img>`` (the processor
 turns video frames into such tiles too); the start/end tokens are text.
+
+Language models: InternVL3 has a Qwen2 decoder, InternVL3.5 a Qwen3 one (dense or MoE) whose
+attention normalises each head's q and k before RoPE (``ModelAdapter.queries_keys`` applies them).
+Decoders with sliding-window layers or attention sinks (InternVL3.5-GPT-OSS) are refused: the
+engine's masks and attention function of reduced layers model neither.
 """
 
 from __future__ import annotations
@@ -56,6 +61,22 @@ class InternVLAdapter(ModelAdapter):
     video_frames_as_images = True
     default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
     vision_probe_class = InternVLProbe
+
+    def unsupported_reason(self) -> str | None:
+        text = self.text_config
+        for i, layer in enumerate(self.layers):
+            attn = getattr(layer, "self_attn", None)
+            if getattr(attn, "sliding_window", None) is not None:
+                return (
+                    f"its {text.model_type} decoder has sliding-window attention (layer {i}); the engine's "
+                    "masks of reduced layers are full causal"
+                )
+            if getattr(attn, "sinks", None) is not None:
+                return (
+                    f"its {text.model_type} decoder has attention sinks (layer {i}); the engine's attention "
+                    "of reduced layers has none"
+                )
+        return None
 
     def visual_groups(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> list[list[Group]]:
         """Every ``image_seq_length`` consecutive tokens are one square tile (the tiles of one run of
