@@ -20,11 +20,11 @@ import pact
 import pact.api
 from pact import testing
 from pact.methods.base import Method, Signals
-from pact.models import get_adapter
+from pact.models import ADAPTERS, get_adapter
 from pact.ops.reduction import Reduction
 
 L = 2
-MROPE = ("qwen2_vl", "qwen2_5_vl")
+MROPE = tuple(family for family in FAMILIES if ADAPTERS[family].mrope)
 
 
 class ReorderExtra(Method):

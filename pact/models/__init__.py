@@ -12,6 +12,7 @@ from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
+from pact.models.qwen3_5 import Qwen3_5Adapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
@@ -22,6 +23,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaNextAdapter,
         LlavaAdapter,
         InternVLAdapter,
+        Qwen3_5Adapter,
     )
 }
 """Family name -> adapter class."""
