@@ -259,6 +259,27 @@ def test_linear_layers_get_the_stock_mask_in_cached_steps():
     assert seen[2] is None
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_cached_step_positions_continue_the_unreduced_timeline(layer):
+    """The stock model reads its cache length from the first attention layer (1). With a reduction
+    at or before it, a cached call without attention_mask/position_ids would restart its positions
+    at the reduced length; the engine supplies the unreduced timeline's ids instead, so the step
+    equals the same step given the 2-D mask (positions from the mask's cumsum, stock)."""
+    model, _ = model_for(FAMILY)
+    x = inputs_for(FAMILY, [one_image(FAMILY)])
+    apply_method(model, PairMerge, layer=layer)
+    step = torch.tensor([[5]])
+    logits = []
+    for with_mask in (True, False):
+        with torch.no_grad():
+            cache = model(**x, use_cache=True).past_key_values
+            assert cache.get_seq_length() < x["input_ids"].shape[1]  # layer 1's cache is reduced
+            kwargs = {"attention_mask": torch.ones(1, x["input_ids"].shape[1] + 1)} if with_mask else {}
+            out = model(input_ids=step, past_key_values=cache, use_cache=True, **kwargs)
+        logits.append(out.logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Proportional attention: full-attention layers only
 
