@@ -570,8 +570,8 @@ def _qwen3_5_processor(tokenizer: Any, template: str) -> Any:
         merge_size=2,
         temporal_patch_size=2,
     )
-    video = T.Qwen3VLVideoProcessor(
-        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16},
+    video = T.Qwen3VLVideoProcessor(  # sample_video(): 2 x 3 tokens per frame pair, as Qwen2-VL's
+        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 32},
         patch_size=16,
         merge_size=2,
         temporal_patch_size=2,
