@@ -545,10 +545,7 @@ def _qwen3_5_text(text: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _qwen3_5_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
-    import transformers as T
-
-    text = _qwen3_5_text(text)
+def _qwen3_5_vision(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     vision = {
         "depth": 2,
         "hidden_size": 32,
@@ -558,7 +555,32 @@ def _qwen3_5_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | 
         "patch_size": 16,
         "num_position_embeddings": 64,
     }
-    return T.Qwen3_5Config(text_config=text, vision_config=_merged(vision, vision_overrides), **_qwen_ids())
+    return _merged(vision, vision_overrides)
+
+
+def _qwen3_5_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    text = _qwen3_5_text(text)
+    return T.Qwen3_5Config(
+        text_config=text, vision_config=_qwen3_5_vision(text, vision_overrides), **_qwen_ids()
+    )
+
+
+def _qwen3_5_moe_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    """Qwen3.5-MoE: the Qwen3.5 tiny model with 4 experts (top 2) and a shared expert per layer."""
+    import transformers as T
+
+    moe = {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    }
+    text = _qwen3_5_text({**moe, **text})
+    return T.Qwen3_5MoeConfig(
+        text_config=text, vision_config=_qwen3_5_vision(text, vision_overrides), **_qwen_ids()
+    )
 
 
 def _qwen3_5_processor(tokenizer: Any, template: str) -> Any:
@@ -635,6 +657,14 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         processor=_qwen3_5_processor,
         image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
         # the processor wraps every frame in <|vision_start|> ... <|vision_end|> after its timestamp
+        video_placeholder="<|video_pad|>",
+        placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
+        tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    ),
+    "qwen3_5_moe": TinyFamily(
+        config=_qwen3_5_moe_config,
+        processor=_qwen3_5_processor,
+        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
         video_placeholder="<|video_pad|>",
         placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
         tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},

@@ -32,6 +32,7 @@ LAYER_CALL_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "p
 EXTRA_CALL_KWARGS = {
     "llava_onevision": {"logits_to_keep"},
     "internvl": {"image_sizes"},
+    "qwen3_5_moe": {"output_router_logits"},
 }  # via **kwargs, unused
 
 

@@ -397,7 +397,14 @@ def test_family_tables_are_derived_from_the_adapters():
     from pact.models import ADAPTERS
 
     assert tuple(ADAPTERS) == testing.FAMILIES == LISTED == tuple(FAMILIES) == tuple(FAMILY_CLASSES)
-    assert testing.VIDEO_FAMILIES == ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "qwen3_5")
+    assert testing.VIDEO_FAMILIES == (
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "llava_onevision",
+        "internvl",
+        "qwen3_5",
+        "qwen3_5_moe",
+    )
     for family, adapter in ADAPTERS.items():
         class_name, model_types, checkpoint, video = FAMILIES[family]
         assert (class_name, model_types, video) == (

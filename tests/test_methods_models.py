@@ -66,6 +66,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {"dbscan": {"dbscan_eps": 0.9}}
 FAMILY_TINY_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("dbdpc", "qwen3_5"): {"cutoff": 0.6},
     ("dbscan", "qwen3_5"): {"dbscan_eps": 1.0, "dbscan_min_samples": 2},
+    ("dbdpc", "qwen3_5_moe"): {"cutoff": 0.6},
+    ("dbscan", "qwen3_5_moe"): {"dbscan_eps": 1.0, "dbscan_min_samples": 2},
 }
 
 

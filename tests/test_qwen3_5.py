@@ -31,6 +31,7 @@ from pact.models.qwen3_5 import Qwen3_5Adapter
 from pact.ops.reduction import Reduction
 
 FAMILY = "qwen3_5"
+BOTH = ("qwen3_5", "qwen3_5_moe")  # the MoE variant: same decoder and tower, expert MLPs
 
 
 class DropOdd(Method):
@@ -86,6 +87,7 @@ def test_layer_kinds_cache_layout_and_linear_layer_signature():
     model, _ = model_for(FAMILY)
     adapter = get_adapter(model)
     assert isinstance(adapter, Qwen3_5Adapter)
+    assert type(get_adapter(model_for("qwen3_5_moe")[0])).__name__ == "Qwen3_5MoeAdapter"
     assert adapter.linear_attention_layers() == frozenset({0, 2})  # the tiny model: every 2nd is full
     assert adapter.full_attention_layers() == [1, 3]
     for i, layer in enumerate(adapter.layers):
@@ -139,12 +141,13 @@ def test_real_layer_pattern_and_partial_rotary_run():
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
-def test_reduced_prefill_states_equal_the_stock_model_on_the_shortened_input(attn):
+@pytest.mark.parametrize("family", BOTH)
+def test_reduced_prefill_states_equal_the_stock_model_on_the_shortened_input(family, attn):
     """Pruning at layer 0 (a linear layer): every layer's cache (conv + recurrent states of the
     linear layers, keys/values of the attention layers) equals the stock text model's on the input
     with the pruned tokens physically removed (kept tokens keep their M-RoPE ids)."""
-    model, _ = model_for(FAMILY, attn)
-    x = inputs_for(FAMILY, [one_image(FAMILY)])
+    model, _ = model_for(family, attn)
+    x = inputs_for(family, [one_image(family)])
     apply_method(model, DropOdd, layer=0)
     with torch.no_grad():
         cache = model(**x, use_cache=True).past_key_values
@@ -422,11 +425,12 @@ def test_placeholder_ids_outside_the_processor_s_visual_spans_are_no_candidates(
     assert not bool(mask[0, -1])
 
 
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
+@pytest.mark.parametrize("family", BOTH)
+def test_demo_on_a_saved_checkpoint(capsys, tmp_path, family):
     """`pact demo --model DIR` on the family's checkpoint layout (saved and reloaded offline)."""
     from test_cli import run_cli
 
-    ckpt = testing.save_tiny(FAMILY, tmp_path / FAMILY)
+    ckpt = testing.save_tiny(family, tmp_path / family)
     argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--visual-tokens", "64"]
     argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
     code, out, err = run_cli(capsys, *argv, "--set", "layer=1", "--set", "keep_ratio=0.5")

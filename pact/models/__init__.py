@@ -12,7 +12,7 @@ from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
-from pact.models.qwen3_5 import Qwen3_5Adapter
+from pact.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
@@ -24,6 +24,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaAdapter,
         InternVLAdapter,
         Qwen3_5Adapter,
+        Qwen3_5MoeAdapter,
     )
 }
 """Family name -> adapter class."""

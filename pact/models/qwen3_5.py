@@ -191,3 +191,14 @@ class Qwen3_5Adapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face cl
                     f"{', '.join(unknown)} that the {self.family} adapter does not model "
                     f"(known: {', '.join(sorted(KNOWN_ATTENTION_CHILDREN))}); its queries/keys would be wrong"
                 )
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):  # noqa: N801 (mirrors the Hugging Face class name)
+    """Qwen3.5-MoE: the same hybrid decoder and vision tower, mixture-of-experts MLPs (which the
+    engine never reads: each token is routed on its own, so reduction and batching do not interact
+    with the routing)."""
+
+    family = "qwen3_5_moe"
+    class_names = ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel")
+    model_types = ("qwen3_5_moe",)
+    default_checkpoint = "Qwen/Qwen3.5-35B-A3B"
