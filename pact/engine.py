@@ -517,25 +517,26 @@ class Engine:
         Such a layer (Gated DeltaNet: a short causal conv and a recurrent state) has no softmax, no
         positions and no KV cache; its only mask is the 2-D padding mask (B, q) it multiplies its
         input rows by, so that left padding never enters the conv or the recurrence. Prefill, i >= L:
-        the reduced layout's non-padding slots (None when there is no padding, as stock), so the
-        reduced sequence is what its conv and recurrence see, the removed tokens as if never there,
-        and its cached states are those of the reduced sequence. Cached step (any i): the stock
-        value (the step's last q columns of the 2-D mask; None for a single token or no padding),
-        set here because the text-level mask may be the engine's 4-D one. The key bias
-        (proportional attention) does not apply: there is no softmax to add it to."""
+        the reduced layout's non-padding slots, so the reduced sequence is what its conv and
+        recurrence see, the removed tokens as if never there, and its cached states are those of
+        the reduced sequence. Cached step (any i): the step's last q columns of the 2-D mask (None
+        for a single token, as stock), set here because the text-level mask may be the engine's 4-D
+        one. Where stock passes None for a mask of all ones, this passes the mask: multiplying by
+        ones is exact, and checking would cost a host sync per layer. The key bias (proportional
+        attention) does not apply: there is no softmax to add it to."""
         call, red = self.state.call, self.state.reduced
         if call.is_prefill:
             valid = red.layout.slot_orig >= 0  # (B, R)
             red.layer_valid[i] = valid
             red.layer_bias[i] = red.layout.key_bias
             kwargs["position_embeddings"] = (red.layout.cos, red.layout.sin)  # unused, kept consistent
-            kwargs["attention_mask"] = None if bool(valid.all()) else valid
+            kwargs["attention_mask"] = valid
             kwargs["position_ids"] = None
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
         q = int(hidden.shape[1])
         mask2d = call.mask2d
-        if q == 1 or mask2d is None or bool((mask2d == 1).all()):
+        if q == 1 or mask2d is None:
             kwargs["attention_mask"] = None
         else:
             kwargs["attention_mask"] = mask2d[:, -q:].to(hidden.device).contiguous()

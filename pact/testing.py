@@ -20,6 +20,9 @@ Families (``FAMILIES``) and their Hugging Face classes (text decoder / vision to
 - ``llava_next``: LlavaNextForConditionalGeneration (llama / CLIP minus [CLS], anyres + image_newline)
 - ``llava``: LlavaForConditionalGeneration, LLaVA-1.5 (llama / CLIP minus [CLS], one fixed crop)
 - ``internvl``: InternVLForConditionalGeneration, HF-native InternVL3 (qwen2 / InternViT, tiles)
+- ``qwen3_5`` / ``qwen3_5_moe``: Qwen3_5(Moe)ForConditionalGeneration (hybrid Gated DeltaNet /
+  gated-attention decoder, full attention every 2nd layer / Qwen3.5 ViT, 16-px patches merged 2x2):
+  20 visual tokens for ``sample_image()``, 12 for ``sample_video()``
 
 Visual tokens of the default ``sample_image()`` (96 x 64): 20 (Qwen), 70 (LLaVA-OneVision/-NeXT,
 of which 6 are image_newline slots), 36 (LLaVA-1.5), 28 (InternVL, 7 tiles of 4); a 4-frame

@@ -191,7 +191,7 @@ def test_reduced_prefill_states_equal_the_stock_model_on_the_shortened_input(fam
 def test_linear_layer_states_in_a_left_padded_batch_equal_each_sample_alone(attn, layer):
     """The conv and recurrent state of every linear layer >= L after a reduced, re-left-padded
     prefill are the sample's own (padding zeroed by the reduced layout's 2-D mask), and the
-    linear layers receive exactly that mask (None without padding, as stock)."""
+    linear layers receive exactly that mask."""
     model, _ = model_for(FAMILY, attn)
     samples = [*two_samples(), {"question": "Is there a red circle on the left? Answer yes or no."}]
     x = inputs_for(FAMILY, samples)
@@ -227,7 +227,8 @@ def test_linear_layer_states_in_a_left_padded_batch_equal_each_sample_alone(attn
 def test_linear_layers_get_the_stock_mask_in_cached_steps():
     """A multi-token cached step on a left-padded batch (chunked continuation): the linear layers get
     the step's 2-D padding mask whatever the engine did to the text-level mask (reduction at layer
-    0 replaces it with a 4-D one); a single-token step gets None, as stock."""
+    0 replaces it with a 4-D one), so the padded new token never enters the recurrence; a
+    single-token step gets None, as stock."""
     model, _ = model_for(FAMILY)
     x = inputs_for(FAMILY, two_samples())
     seen: list[Any] = []
