@@ -138,7 +138,8 @@ def attention_configs(adapter: Any) -> list[Any]:
     """The distinct config objects the text model and its attention modules read
     ``_attn_implementation`` from (normally one: the text config)."""
     seen: dict[int, Any] = {}
-    for obj in [adapter.text_model, *(layer.self_attn for layer in adapter.layers)]:
+    # hybrid decoders: linear-attention layers have no self_attn (and no attention function)
+    for obj in [adapter.text_model, *(getattr(layer, "self_attn", None) for layer in adapter.layers)]:
         cfg = getattr(obj, "config", None)
         if cfg is not None:
             seen.setdefault(id(cfg), cfg)

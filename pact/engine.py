@@ -256,6 +256,11 @@ class Engine:
         self.reduce_layers: list[int] = sorted(set(method.layers(num_layers))) if method else []
         self.first_layer = self.reduce_layers[0] if self.reduce_layers else None
         self.input_layers: set[int] = set(method.input_layers(num_layers)) if method else set()
+        # Linear-attention layers (hybrid decoders, e.g. Qwen3.5): no KV cache, a 2-D padding mask.
+        # ``length_layer`` is the layer whose cache length ``DynamicCache.get_seq_length()`` reports
+        # (its first attention layer), which the stock model reads for decode positions and masks.
+        self.linear_layers: frozenset[int] = adapter.linear_attention_layers()
+        self.length_layer = next((j for j in range(num_layers) if j not in self.linear_layers), 0)
         impl = adapter.attn_implementation
         self.flash = impl.startswith("flash_attention")
         self.proportional = bool(getattr(config, "proportional_attention", True)) and not self.flash
@@ -375,9 +380,10 @@ class Engine:
         call.decode_rope = {}
         call.seen += q
         call.mask2d = mask2d
-        if pre.active and self.first_layer == 0 and kwargs.get("position_ids") is None:
-            # Layer 0's cache is reduced, so the stock position ids (arange + layer-0 cache length)
-            # would restart early; give the ones of the unreduced timeline.
+        if pre.active and self.first_layer <= self.length_layer and kwargs.get("position_ids") is None:
+            # The cache length the stock model reads (layer 0's, or a hybrid decoder's first
+            # attention layer's) is reduced, so the stock position ids (arange + that length) would
+            # restart early; give the ones of the unreduced timeline.
             device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
             b = int((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0])
             kwargs["position_ids"] = self.adapter.decode_position_ids(start, q, b, device)
@@ -442,12 +448,14 @@ class Engine:
             if self.adapter.injects_visual_features:
                 self._take_injection(kwargs)
         else:
-            if self.first_layer == 0:
-                # Every layer's mask is ours: skip the stock mask, which would read layer 0's cache
-                # length. A 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given;
-                # the layer hooks then set each layer's own attention inputs.
+            if self.first_layer <= self.length_layer:
+                # Every attention layer's mask is ours: skip the stock mask, which would read the
+                # reduced cache length of layer 0 (or of a hybrid decoder's first attention layer). A
+                # 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given; the layer
+                # hooks then set each layer's own attention inputs (linear layers: their 2-D mask).
+                cache = kwargs.get("past_key_values")
                 kwargs["attention_mask"] = self._decode_inputs(
-                    0, kwargs.get("past_key_values"), kwargs["inputs_embeds"], allow_fast=False
+                    self.length_layer, cache, kwargs["inputs_embeds"], allow_fast=False
                 )[0]
             if self.renumber and red.layout is not None:
                 # generate's (B, q) position ids, or the stock default on the unreduced timeline
@@ -508,6 +516,8 @@ class Engine:
                     else:
                         kwargs["hidden_states"] = hidden
                 lay = red.layout
+                if i in self.linear_layers:
+                    return self._linear_layer_inputs(i, args, kwargs)
                 kwargs["position_embeddings"] = (lay.cos, lay.sin)
                 kwargs["attention_mask"] = lay.mask
                 if pre.fast:
@@ -516,6 +526,8 @@ class Engine:
                 red.layer_bias[i] = lay.key_bias
                 red.layer_valid[i] = lay.slot_orig >= 0
                 return args, kwargs
+            if i in self.linear_layers:
+                return self._linear_layer_inputs(i, args, kwargs)
             if i >= self.first_layer:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 mask, bias = self._decode_inputs(i, kwargs.get("past_key_values"), hidden)
@@ -529,6 +541,39 @@ class Engine:
             return args, kwargs
 
         return hook
+
+    # --- linear-attention layers (hybrid decoders) ---------------------------------------------
+
+    def _linear_layer_inputs(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Inputs of a linear-attention layer i (``ModelAdapter.linear_attention_layers``).
+
+        Such a layer (Gated DeltaNet: a short causal conv and a recurrent state) has no softmax, no
+        positions and no KV cache; its only mask is the 2-D padding mask (B, q) it multiplies its
+        input rows by, so that left padding never enters the conv or the recurrence. Prefill, i >= L:
+        the reduced layout's non-padding slots, so the reduced sequence is what its conv and
+        recurrence see, the removed tokens as if never there, and its cached states are those of
+        the reduced sequence. Cached step (any i): the step's last q columns of the 2-D mask (None
+        for a single token, as stock), set here because the text-level mask may be the engine's 4-D
+        one. Where stock passes None for a mask of all ones, this passes the mask: multiplying by
+        ones is exact, and checking would cost a host sync per layer. The key bias (proportional
+        attention) does not apply: there is no softmax to add it to."""
+        call, red = self.state.call, self.state.reduced
+        if call.is_prefill:
+            valid = red.layout.slot_orig >= 0  # (B, R)
+            red.layer_valid[i] = valid
+            red.layer_bias[i] = red.layout.key_bias
+            kwargs["position_embeddings"] = (red.layout.cos, red.layout.sin)  # unused, kept consistent
+            kwargs["attention_mask"] = valid
+            kwargs["position_ids"] = None
+            return args, kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q = int(hidden.shape[1])
+        mask2d = call.mask2d
+        if q == 1 or mask2d is None:
+            kwargs["attention_mask"] = None
+        else:
+            kwargs["attention_mask"] = mask2d[:, -q:].to(hidden.device).contiguous()
+        return args, kwargs
 
     # --- masks --------------------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ Families (``FAMILIES``) and their Hugging Face classes (text decoder / vision to
 - ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen3VL(Moe)ForConditionalGeneration (Qwen3-VL text with q/k
   norms, interleaved M-RoPE, DeepStack after layers 0-2 / 3-layer Qwen3-VL ViT, 32-px tokens; 20
   tokens for the default image, 2 x 6 for the 4-frame video, one run per frame)
+- ``qwen3_5`` / ``qwen3_5_moe``: Qwen3_5(Moe)ForConditionalGeneration (hybrid Gated DeltaNet /
+  gated-attention decoder, full attention every 2nd layer / Qwen3.5 ViT, 16-px patches merged 2x2):
+  20 visual tokens for ``sample_image()``, 12 for ``sample_video()``
 
 Visual tokens of the default ``sample_image()`` (96 x 64): 20 (Qwen), 70 (LLaVA-OneVision/-NeXT,
 of which 6 are image_newline slots), 36 (LLaVA-1.5), 28 (InternVL, 7 tiles of 4); a 4-frame
@@ -684,6 +687,105 @@ def _qwen3_vl_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# Qwen3.5: hybrid decoder (Gated DeltaNet linear-attention layers and gated full-attention layers
+# with per-head q/k norms), interleaved M-RoPE on a partial rotary dimension, 16-px patches merged
+# 2 x 2 (32 px per visual token), 16..64 tokens per image; videos are frames, each its own
+# <|vision_start|> ... <|vision_end|> run after a "<t seconds>" timestamp (Qwen3VLProcessor).
+_QWEN3_5_MIN_PIXELS = 32 * 32 * 16
+_QWEN3_5_MAX_PIXELS = 32 * 32 * 64
+
+
+def _qwen3_5_text(text: dict[str, Any]) -> dict[str, Any]:
+    """The shared tiny decoder as a Qwen3.5 text config: RoPE on half of each head (real
+    checkpoints: a quarter, 64 of 256 dims) with interleaved M-RoPE sections that follow the rotary
+    size ([2, 1, 1] for head_dim 16; real: [11, 11, 10]), small Gated DeltaNet heads, and full
+    attention every 2nd layer (real checkpoints: every 4th), so that even 4 tiny layers hold both
+    kinds twice: a reduction at a linear or a full-attention layer, followed by both kinds."""
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    half = head_dim // 4  # half of the rotary dims (partial_rotary_factor 0.5)
+    t_section = -(-half // 3)
+    h_section = -(-(half - t_section) // 2)
+    out = {
+        "head_dim": head_dim,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [t_section, h_section, half - t_section - h_section],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.5,
+        },
+        **text,
+    }
+    if "layer_types" not in out:
+        n = int(out["num_hidden_layers"])
+        out["layer_types"] = ["full_attention" if i % 2 else "linear_attention" for i in range(n)]
+    return out
+
+
+def _qwen3_5_vision(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "patch_size": 16,
+        "num_position_embeddings": 64,
+    }
+    return _merged(vision, vision_overrides)
+
+
+def _qwen3_5_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    text = _qwen3_5_text(text)
+    return T.Qwen3_5Config(
+        text_config=text, vision_config=_qwen3_5_vision(text, vision_overrides), **_qwen_ids()
+    )
+
+
+def _qwen3_5_moe_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    """Qwen3.5-MoE: the Qwen3.5 tiny model with 4 experts (top 2) and a shared expert per layer."""
+    import transformers as T
+
+    moe = {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    }
+    text = _qwen3_5_text({**moe, **text})
+    return T.Qwen3_5MoeConfig(
+        text_config=text, vision_config=_qwen3_5_vision(text, vision_overrides), **_qwen_ids()
+    )
+
+
+def _qwen3_5_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    image = T.Qwen2VLImageProcessor(
+        size={"shortest_edge": _QWEN3_5_MIN_PIXELS, "longest_edge": _QWEN3_5_MAX_PIXELS},
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    video = T.Qwen3VLVideoProcessor(  # sample_video(): 2 x 3 tokens per frame pair, as Qwen2-VL's
+        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 32},
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        cap_pixels_per_frame=True,
+    )
+    return T.Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=template
+    )
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -763,6 +865,23 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         batch_limit="images and videos in one batch (the stock model scatters image features into the "
         "image token positions of videos too: both use the <|image|> id)",
         mixes_images_and_videos=False,
+    ),
+    "qwen3_5": TinyFamily(
+        config=_qwen3_5_config,
+        processor=_qwen3_5_processor,
+        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        # the processor wraps every frame in <|vision_start|> ... <|vision_end|> after its timestamp
+        video_placeholder="<|video_pad|>",
+        placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
+        tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    ),
+    "qwen3_5_moe": TinyFamily(
+        config=_qwen3_5_moe_config,
+        processor=_qwen3_5_processor,
+        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        video_placeholder="<|video_pad|>",
+        placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
+        tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     ),
 }
 """family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
@@ -1140,6 +1259,10 @@ def attention_qk(
     its arguments; the model's configs are switched back afterwards (the model is not changed).
     This is the ground truth that ``ModelAdapter.queries_keys`` must reproduce. ``adapter``: the
     adapter to find the layers with (default: ``pact.models.get_adapter(model)``).
+
+    A linear-attention layer (Qwen3.5's Gated DeltaNet, ``layer.linear_attn``) has no attention
+    function: its queries/keys are those its chunked delta-rule kernel received, L2-normalised per
+    head as the kernel does (``use_qk_l2norm_in_kernel``), as (B, H, T, d).
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -1164,6 +1287,8 @@ def attention_qk(
         seen["hidden"] = hidden.detach().clone()
         seen["cos"], seen["sin"] = cos.detach().expand(B, -1, -1), sin.detach().expand(B, -1, -1)
 
+    if hasattr(layer, "linear_attn"):
+        return _linear_attention_qk(model, inputs, layer, grab_inputs, seen)
     AttentionInterface.register(_CAPTURE_IMPL, capture)
     if _CAPTURE_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionMaskInterface.register(_CAPTURE_IMPL, sdpa_mask)
@@ -1181,6 +1306,53 @@ def attention_qk(
             cfg._attn_implementation = {"": impl}
     if "queries" not in seen:
         raise RuntimeError(f"decoder layer {layer_index}'s attention was not called through the interface")
+    return seen
+
+
+def _linear_attention_qk(
+    model: Any, inputs: Mapping[str, Any], layer: Any, grab_inputs: Callable, seen: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``attention_qk`` of a Gated DeltaNet layer: records the q/k its chunked kernel receives (the
+    module's ``torch_chunk_gated_delta_rule``, patched for this one forward)."""
+    import sys
+
+    module = sys.modules[type(layer.linear_attn).__module__]
+    kernel = module.torch_chunk_gated_delta_rule
+
+    def record(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_qk_l2norm_in_kernel"):
+            query = module.l2norm(query.float(), dim=-1, eps=1e-6).to(query.dtype)
+            key = module.l2norm(key.float(), dim=-1, eps=1e-6).to(key.dtype)
+        seen["queries"] = query.detach().transpose(1, 2).clone()  # (B, T, H, d) -> (B, H, T, d)
+        seen["keys"] = key.detach().transpose(1, 2).clone()
+        return kernel(query, key, *args, **kwargs)
+
+    def only_this_layer(*args: Any, **kwargs: Any) -> Any:
+        return (record if active[0] else kernel)(*args, **kwargs)
+
+    active = [False]
+
+    def on(*_: Any) -> None:
+        active[0] = True
+
+    def off(*_: Any) -> None:
+        active[0] = False
+
+    handles = [
+        layer.register_forward_pre_hook(grab_inputs, with_kwargs=True),
+        layer.linear_attn.register_forward_pre_hook(on),
+        layer.linear_attn.register_forward_hook(off),
+    ]
+    module.torch_chunk_gated_delta_rule = only_this_layer
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        module.torch_chunk_gated_delta_rule = kernel
+        for h in handles:
+            h.remove()
+    if "queries" not in seen:
+        raise RuntimeError("the linear-attention layer's chunked kernel was not called")
     return seen
 
 

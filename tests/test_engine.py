@@ -203,9 +203,11 @@ def test_cache_lengths_per_layer(family):
     valid = x["attention_mask"].sum(1)
     before, after = torch.tensor(st.visual_before), torch.tensor(st.visual_after)
     assert int((valid - before + after).max()) == R
-    num_layers = len(get_adapter(model).layers)
-    lengths = [out.past_key_values.get_seq_length(i) for i in range(num_layers)]
-    assert lengths == [T] * L + [R] * (len(lengths) - L)
+    # linear-attention layers (hybrid decoders) keep per-sequence states, no length: tests/test_qwen3_5.py
+    linear = pact.api.engine_of(model).linear_layers
+    attention = [i for i in range(len(get_adapter(model).layers)) if i not in linear]
+    lengths = [out.past_key_values.get_seq_length(i) for i in attention]
+    assert lengths == [T if i < L else R for i in attention]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -293,10 +295,14 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
         for h in handles:
             h.remove()
     lay = pact.api.engine_of(model).layout
+    linear = pact.api.engine_of(model).linear_layers  # hybrid decoders: a 2-D padding mask, no bias
     log2 = math.log(2.0)
     prefill, decode = masks[: len(layers)], masks[len(layers) :]
     for i, m in prefill:
         if i < L:
+            continue
+        if i in linear:
+            assert torch.equal(m, lay.slot_orig >= 0)
             continue
         assert m.dim() == 4
         last = m[:, 0, -1].float()  # the last prompt token sees every reduced key
@@ -306,7 +312,7 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
         assert torch.isinf(last[lay.slot_orig < 0]).all()
     assert sum(1 for i, _ in decode if i >= L) == len(layers) - L
     for i, m in decode:
-        if i < L:
+        if i < L or i in linear:
             continue
         row = m[:, 0, -1].float()
         R = lay.sizes.shape[1]
@@ -318,7 +324,8 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
     masks.clear()
     apply_pairs(model, drop_every=0, proportional_attention=False)
     pact.api.engine_of(model).set_fast_sdpa(False)
-    handles = [layers[L].register_forward_pre_hook(grab(L), with_kwargs=True)]
+    first = min(i for i in range(L, len(layers)) if i not in linear)  # the first attention layer >= L
+    handles = [layers[first].register_forward_pre_hook(grab(first), with_kwargs=True)]
     try:
         with torch.no_grad():
             model(**x)

@@ -27,7 +27,7 @@ class GroupsRecorder(PairMerge):
 
 def expected_groups(family: str, inputs) -> list[Group]:
     """Hand-worked grids of ``one_image`` (96 x 64 pixels) in the tiny models (see pact.testing)."""
-    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_5", "qwen3_5_moe"):
         _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
         return [Group(0, "image", 0, h // 2, w // 2)]  # 2x2 patches per merged token
     if family in ("llava_onevision", "llava_next"):

@@ -47,6 +47,7 @@ def _record_vision_rows(model: Any) -> list[int]:
     rows: list[int] = []
     depth = [0]  # Qwen3-VL's get_video_features calls get_image_features: count the outer call only
     core = model.model
+    depth = [0]  # Qwen3.5's get_video_features calls get_image_features: count the outer call only
     for name in ("get_image_features", "get_video_features"):
         original = getattr(core, name, None)
         if original is None:
@@ -167,9 +168,11 @@ def test_config_shapes(family: str) -> None:
     assert text.vocab_size >= len(processor.tokenizer)
     assert len(get_adapter(model).layers) == 4
     if family.startswith("qwen"):
-        assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
+        rotary = text.rope_parameters.get("partial_rotary_factor", 1.0)  # Qwen3.5: RoPE on part of a head
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        assert sum(text.rope_parameters["mrope_section"]) == int(head_dim * rotary) // 2
         wide = T.tiny_config(family, text_overrides={"hidden_size": 128, "num_attention_heads": 4})
-        assert sum(wide.text_config.rope_parameters["mrope_section"]) == 16
+        assert sum(wide.text_config.rope_parameters["mrope_section"]) == int(32 * rotary) // 2
     assert not model.training
     two = T.tiny_model(family, num_hidden_layers=2)
     assert len(get_adapter(two).layers) == 2

@@ -214,6 +214,13 @@ class ModelAdapter:
         """Why this model instance cannot be reduced (None: it can). Override per family."""
         return None
 
+    def linear_attention_layers(self) -> frozenset[int]:
+        """Indices of decoder layers without softmax attention (linear attention / recurrent token
+        mixers: a per-sequence conv and recurrent state, no KV cache, no positions, a 2-D padding
+        mask). The engine feeds them the reduced layout's 2-D padding mask instead of its 4-D mask
+        or key bias. Override in hybrid families (Qwen3.5); default: none."""
+        return frozenset()
+
     def apply_rotary_fn(self, layer: nn.Module) -> Any:
         """The ``apply_rotary_pos_emb(q, k, cos, sin)`` the layer's attention module calls."""
         module = sys.modules[type(layer.self_attn).__module__]
