@@ -13,9 +13,9 @@ from pact.models.llava_next import LlavaNextAdapter
 from pact.models.llava_onevision import LlavaOnevisionAdapter
 from pact.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from pact.models.qwen2_vl import Qwen2VLAdapter
+from pact.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 from pact.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 from pact.models.smolvlm import SmolVLMAdapter
-from pact.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
