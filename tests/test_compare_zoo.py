@@ -66,8 +66,9 @@ def test_zoo_skips_configs_the_family_does_not_run_and_takes_a_subset():
 
 @pytest.mark.slow
 def test_zoo_runs_end_to_end_on_a_tiny_model_and_plots(tiny_dirs, lmms_env, tmp_path):  # noqa: F811
-    """Two configs (one old, one new) and the reference on a tiny Qwen2-VL and the local
-    multiple-choice task; the report pairs each with the reference and `pact plot` draws them."""
+    """One config and the reference on a tiny Qwen2-VL and the local multiple-choice task (every
+    lmms-eval run is a process start of ~30 s; which configs are chosen is the dry-run tests' job);
+    the report pairs it with the reference and `pact plot` draws them."""
     from pact.eval import report
 
     out = tmp_path / "out"
@@ -78,7 +79,7 @@ def test_zoo_runs_end_to_end_on_a_tiny_model_and_plots(tiny_dirs, lmms_env, tmp_
         TASKS="pact_tiny_mc",
         LIMIT="4",
         INCLUDE_PATH="tests/eval_tasks",
-        CONFIGS="random evs",
+        CONFIGS="random",
         RATIOS="0.5",
         MODEL_ARGS="dtype=float32,device=cpu",
         OUTPUT=str(out),
@@ -86,7 +87,7 @@ def test_zoo_runs_end_to_end_on_a_tiny_model_and_plots(tiny_dirs, lmms_env, tmp_
     )
     proc = _run(["bash", "scripts/compare_zoo.sh"], env)
     rows = report.build_rows(report.find_runs([out]))
-    assert {r.method for r in rows} == {"random", "evs", "no_reduction"}
+    assert {r.method for r in rows} == {"random", "no_reduction"}
     assert all(r.reference is not None for r in rows if r.method != "no_reduction")
     random_row = next(r for r in rows if r.method == "random")
     assert random_row.reduction_ratio == pytest.approx(0.5, abs=0.1)

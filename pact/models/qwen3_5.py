@@ -51,6 +51,9 @@ class Qwen3_5Adapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face cl
     class_names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
     model_types = ("qwen3_5",)
     default_checkpoint = "Qwen/Qwen3.5-27B"
+    # The processor writes a timestamp before every frame, so each frame is its own visual run and
+    # its own "image" grid; which runs form one video is not derived yet: EVS / HoliTom refuse.
+    video_frames_as_images = True
     vision_probe_class = QwenProbe  # same ViT interface: fused qkv, vision RoPE, 2x2 patch merger
 
     def candidate_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:

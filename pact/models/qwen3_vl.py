@@ -42,6 +42,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     class_names = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
     model_types = ("qwen3_vl",)
     default_checkpoint = "Qwen/Qwen3-VL-8B-Instruct"
+    # The processor writes a timestamp before every frame, so each frame is its own visual run and
+    # its own "image" grid; which runs form one video is not derived yet: EVS / HoliTom refuse.
+    video_frames_as_images = True
     vision_probe_class = QwenProbe  # same ViT layout: fused qkv, vision RoPE, cu_seqlens, 2x2 merger
     injects_visual_features = True
 
