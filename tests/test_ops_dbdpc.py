@@ -364,13 +364,14 @@ def test_recomputed_rows_have_the_bits_of_the_stored_matrix(monkeypatch):
     monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 40 * n)  # 8 tiles of 38 rows, the last padded
     x = _blobs(n, 48, 9, 0.1, seed=5)
     xn = dbdpc_module.normalize_rows(x)
-    dist, rho, row_near, rows_of = dbdpc_module._distance_pass(xn, 2.0, "gaussian", 0.21, store=True)
+    dist, rho, row_near, rows_of, lists = dbdpc_module._distance_pass(xn, 2.0, "gaussian", 0.21, store=True)
+    assert lists is None
     assert rows_of.rows_per_tile == 38 and dist.shape == (n, n)
     out = torch.empty(38, n)
     for idx in ([7], [300, 0], list(range(150, 188)), torch.randperm(n)[:38].tolist()):
         idx = torch.tensor(idx)
         assert torch.equal(rows_of(idx, out), dist[idx])
-    scratch_dist, scratch_rho, scratch_near, _ = dbdpc_module._distance_pass(
+    scratch_dist, scratch_rho, scratch_near, _, lists = dbdpc_module._distance_pass(
         xn, 2.0, "gaussian", 0.21, store=False
     )
     assert scratch_dist.shape == (38, n)  # blocked: one tile, no N x N buffer
