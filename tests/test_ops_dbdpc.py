@@ -346,7 +346,17 @@ def test_blocked_equals_stored_on_the_oracle_cases(
 # so a recomputed row must sit at its first-pass position (i mod T). Budget 0: every row with a
 # neighbour is recomputed.
 @example(
-    n=7, dim=5, k=1, spread=0.875, cutoff=0.0, duplicates=3, zeros=1, block_size=1, tile_rows=2, budget=0, seed=0
+    n=7,
+    dim=5,
+    k=1,
+    spread=0.875,
+    cutoff=0.0,
+    duplicates=3,
+    zeros=1,
+    block_size=1,
+    tile_rows=2,
+    budget=0,
+    seed=0,
 )
 def test_blocked_equals_stored_with_ties_and_duplicates(
     n, dim, k, spread, cutoff, duplicates, zeros, block_size, tile_rows, budget, seed

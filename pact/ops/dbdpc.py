@@ -72,7 +72,9 @@ _KERNELS = ("gaussian", "exponential")
 _ELEMENTWISE_ITEMS = 1 << 18  # rows of this many floats (1 MiB) stay in cache for the density passes
 _MATMUL_ITEMS = 1 << 23  # 32 MiB of distances per matmul call (DBDPC tiles, retrieval chunks)
 MATRIX_MAX_POINTS = 8192  # default: store the N x N matrix (256 MiB) up to this N, blocked above
-_NEIGHBOUR_BUDGET = 1 << 25  # blocked form: within-cutoff entries kept (8 bytes each: 256 MiB, the stored matrix at 8192)
+# blocked form: within-cutoff entries kept from the first pass (8 bytes each: 256 MiB, the stored
+# matrix at MATRIX_MAX_POINTS)
+_NEIGHBOUR_BUDGET = 1 << 25
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
