@@ -32,17 +32,25 @@ same bits whichever rows share its tile: this is what lets the blocked form belo
 still take exactly the decisions the stored matrix gives.
 
 Memory (`matrix_max_points`): for N <= matrix_max_points (default 8192, a 256 MiB matrix) the N x N
-distance matrix is stored by the first pass and read by the center walk; above it ("blocked"), no
-N x N buffer exists: the first pass keeps only the densities and a "has a neighbour" flag per row,
-and the walk recomputes the rows it reads (those of points with a neighbour within the cutoff, T at
-a time: the next T such points still undecided, in density order, so each tile serves several walk
-blocks). Extra memory is then the normalised copy of x, O(N) vectors and max(T, block_size) x N
-distances (32 MiB at N = 65,536); the matmul work at most about doubles. Both forms give the same
-centers and labels, bit for bit: they share the first pass (so the densities and the density order
-are identical) and read the same distance bits.
+distance matrix is stored by the first pass and read by the center walk. Above it ("blocked") no
+N x N buffer exists. The walk only ever reads entries within the cutoff (a point is excluded by a
+center within the cutoff, and a point that is not a center has its nearest center within the
+cutoff), so the first pass keeps, for each row, its entries d_ij <= cutoff (j != i) as neighbour
+lists (`_NeighbourLists`: int32 column + float32 distance, in row order), and the walk runs on them:
+every distance is computed once, by the first pass. The lists have a budget (`_NEIGHBOUR_BUDGET`,
+2^25 entries = 256 MiB, the stored matrix at 8192 points): when a tile would pass it, the rows of the
+largest degrees stop being kept (a degree cap), and the walk recomputes those "heavy" rows when it
+needs them (`_RecomputedRows`, at their first-pass position, T at a time, ahead along the density
+order). When the points have on average fewer than budget / N neighbours within the cutoff (512 at
+N = 65,536; tokens of clustered video frames have a few to a few hundred) nothing is recomputed. Extra memory: the normalised copy of x, O(N) vectors, one (T, N)
+tile of distances and its (T, N) bool mask, the lists (at most the budget) and, only if some row is
+heavy, a row cache of about one tile. Both forms give the same centers and labels, bit for bit:
+they share the first pass (so the densities and the density order are identical) and read the same
+distance bits, and the two walks take the same decisions (`_select_and_assign_sparse`).
 
 Speed: the first pass computes the rows tile by tile; 1 - cos, the density and each row's nearest
-other point are computed on ~1 MiB slices while they are hot in cache. Center selection uses the
+other point (stored) or within-cutoff mask (blocked) are computed on ~1 MiB slices while they are
+hot in cache. Center selection uses the
 principle of the paper's appendix D (a point none of whose denser, still undecided points is within
 the cutoff is certainly a center; the points within the cutoff of a center are certainly not) on
 blocks of the density order:
@@ -54,7 +62,8 @@ blocks of the density order:
   later blocks and keeps a running nearest center, so no separate assignment pass is needed.
 Points whose row has no other point within the cutoff (on data without cluster structure, nearly
 all of them) exclude nobody and are nobody's nearest center: their rows are never read (nor
-recomputed). Host synchronisations: a few per block plus one per round, never one per point.
+recomputed). Host synchronisations: a few per block plus one per round, never one per point (the
+blocked first pass: one per tile).
 
 Gradients: the clustering is a discrete decision; it is computed without autograd on detached
 inputs (a model run with gradients enabled gets the same indices), and only the merged means that
@@ -647,16 +656,17 @@ def dbdpc(
         dn: density bandwidth d_n (the reference hard-codes 2).
         kernel: "gaussian" exp(-(d/dn)^2) (reference code) or "exponential" exp(-d/dn) (paper eq. 6).
         block_size: points resolved together in the center-selection walk (speed only).
-        matrix_max_points: store the N x N distance matrix when N <= this (fastest), else recompute
-            distance rows in tiles (no N x N buffer). Same result either way; 0 = always blocked.
+        matrix_max_points: store the N x N distance matrix when N <= this, else keep only each row's
+            within-cutoff entries (no N x N buffer). Same result either way; 0 = always blocked.
 
     Returns:
         centers: LongTensor[C], ascending point indices of the cluster centers.
         labels: LongTensor[N], point index of each point's (nearest) center; labels[c] == c.
 
     Raises ValueError on NaN/Inf input. Memory: the normalised float32 copy of x, O(N) vectors, and
-    either the float32 N x N matrix (N <= matrix_max_points) or max(T, block_size) x N distance rows
-    (T ~ 32 MiB / (4 N) rows, see the module docstring).
+    either the float32 N x N matrix (N <= matrix_max_points) or one (T, N) tile of distances (T ~
+    32 MiB / (4 N) rows) with its bool mask plus the rows' within-cutoff entries, at most
+    `_NEIGHBOUR_BUDGET` (256 MiB; see the module docstring).
     """
     _check_cutoff(cutoff, dn, kernel)
     _check_sizes(block_size, matrix_max_points)
