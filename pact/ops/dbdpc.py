@@ -42,12 +42,12 @@ every distance is computed once, by the first pass. The lists have a budget (`_N
 largest degrees stop being kept (a degree cap), and the walk recomputes those "heavy" rows when it
 needs them (`_RecomputedRows`, at their first-pass position, T at a time, ahead along the density
 order). When the points have on average fewer than budget / N neighbours within the cutoff (512 at
-N = 65,536; tokens of clustered video frames have a few to a few hundred) nothing is recomputed.
+N = 65,536) nothing is recomputed.
 Extra memory: the normalised copy of x, O(N) vectors, one (T, N) tile of distances and its (T, N)
 bool mask, the lists (at most the budget) and, only if some row is heavy, a row cache of about one
-tile. Both forms give the same centers and labels, bit for bit:
-they share the first pass (so the densities and the density order are identical) and read the same
-distance bits, and the two walks take the same decisions (`_select_and_assign_sparse`).
+tile. Both forms give the same centers and labels, bit for bit: they share the first pass (so the
+densities and the density order are identical) and read the same distance bits, and the two walks
+take the same decisions (`_select_and_assign_sparse`).
 
 Speed: the first pass computes the rows tile by tile; 1 - cos, the density and each row's nearest
 other point (stored) or within-cutoff mask (blocked) are computed on ~1 MiB slices while they are
