@@ -125,6 +125,7 @@ def test_chunk_boundaries_do_not_change_anything(monkeypatch):
     want_dist, want_rho = cosine_distances(x), density(cosine_distances(x))
     monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 203 * 17)  # 17-row matmul chunks
     monkeypatch.setattr(dbdpc_module, "_ELEMENTWISE_ITEMS", 203 * 5)  # 5-row element-wise chunks
+    monkeypatch.setattr(dbdpc_module, "_MIN_ELEMENTWISE_ROWS", 1)
     got = dbdpc(x, 0.2)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     dist = cosine_distances(x)
@@ -528,3 +529,19 @@ def test_equidistant_centers_and_a_heavy_row_in_the_blocked_walk(monkeypatch):
         stored, blocked = _both_forms(x, cutoff, block_size)
         assert stored[0].tolist() == blocked[0].tolist() == ref_centers
         assert stored[1].tolist() == blocked[1].tolist() == ref_labels
+
+
+def test_elementwise_slices_are_at_least_32_rows():
+    """At large N the ~1 MiB slices of the density pass were 4 rows (65,536 points): 130k tiny
+    OpenMP regions per call, each waiting for both threads on a busy machine. Slices now have at
+    least 32 rows (the tile's last slice may be shorter) and never cross a tile boundary; N <= 8192
+    keeps its 1 MiB slices."""
+    for n in (1000, 8000, 8192, 16384, 65536):
+        t = dbdpc_module._tile_rows(n)
+        slices = dbdpc_module._row_slices(n)
+        assert slices[0][0] == 0 and slices[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))  # contiguous
+        assert all(s // t == (e - 1) // t for s, e in slices)  # inside one tile
+        assert all(e - s >= min(32, n) for s, e in slices if e % t and e != n)
+    assert {e - s for s, e in dbdpc_module._row_slices(8000)} <= {32, 8000 % 32, 1000 % 32}
+    assert len(dbdpc_module._row_slices(65536)) == 65536 // 32

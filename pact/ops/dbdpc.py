@@ -80,6 +80,10 @@ from pact.ops.scoring import check_finite
 _NORM_EPS = 1e-12
 _KERNELS = ("gaussian", "exponential")
 _ELEMENTWISE_ITEMS = 1 << 18  # rows of this many floats (1 MiB) stay in cache for the density passes
+# ... but never fewer rows than this per slice: each element-wise op is one OpenMP region, and with
+# 2 threads on a busy machine every region waits for both (65,536 points: 4-row slices made 130k
+# regions and tripled the time; 32 rows cost the same single-threaded). N <= 8192: no change.
+_MIN_ELEMENTWISE_ROWS = 32
 _MATMUL_ITEMS = 1 << 23  # 32 MiB of distances per matmul call (DBDPC tiles, retrieval chunks)
 MATRIX_MAX_POINTS = 8192  # default: store the N x N matrix (256 MiB) up to this N, blocked above
 # blocked form: within-cutoff entries kept from the first pass (8 bytes each: 256 MiB, the stored
@@ -134,11 +138,12 @@ def _tile_rows(n: int) -> int:
 
 
 def _elementwise_rows(n: int) -> int:
-    return max(1, _ELEMENTWISE_ITEMS // max(1, n))
+    return max(1, _MIN_ELEMENTWISE_ROWS, _ELEMENTWISE_ITEMS // max(1, n))
 
 
 def _row_slices(n: int) -> list[tuple[int, int]]:
-    """The (start, stop) row slices of the density pass: ~1 MiB each, never across a tile boundary.
+    """The (start, stop) row slices of the density pass: ~1 MiB (at least 32 rows) each, never across
+    a tile boundary.
 
     `density` and the first pass of `dbdpc` sum exactly the same slices, hence the same bits.
     """
@@ -213,7 +218,7 @@ def _distance_pass(
         tile = distance_rows(torch.arange(a, b, device=xn.device), buffer[a : a + t] if store else buffer)
         for s in range(a, b, step):  # the slices of `_row_slices`
             e = min(s + step, b)
-            rows = tile[s - a : e - a]  # ~1 MiB, hot in cache for the passes below
+            rows = tile[s - a : e - a]  # ~1 MiB (>= 32 rows), hot in cache for the passes below
             diagonal = rows[:, s:e].diagonal()
             diagonal.fill_(float("inf"))  # nobody is its own neighbour
             if within is None:
