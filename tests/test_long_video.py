@@ -155,8 +155,9 @@ def test_engine_reduces_a_20000_token_video_in_bounded_memory():
     EUTI keeps 11,000 tokens, whose N x N float32 distance matrix is 462 MiB. The whole generate
     call (vision tower, 4 layers, reduction, 2 new tokens) stays under 300 MiB of extra memory with
     the automatic (blocked) DBDPC; the same call with the stored matrix forced exceeds it, with the
-    same generated tokens. Measured on this machine: blocked ~120 MiB, stored ~460 MiB; the stock
-    model alone ~160 MiB (measured first in a process, docs/BENCHMARKS.md)."""
+    same generated tokens. Measured on this machine: blocked 170 MiB (first in the process, so with
+    the model's own activations at 20,000 tokens: ~160 MiB for the stock model alone), stored
+    504 MiB; about 3 s per call on a quiet machine (docs/BENCHMARKS.md)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-c", _ENGINE_MEASURE]
