@@ -125,6 +125,7 @@ def test_chunk_boundaries_do_not_change_anything(monkeypatch):
     want_dist, want_rho = cosine_distances(x), density(cosine_distances(x))
     monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 203 * 17)  # 17-row matmul chunks
     monkeypatch.setattr(dbdpc_module, "_ELEMENTWISE_ITEMS", 203 * 5)  # 5-row element-wise chunks
+    monkeypatch.setattr(dbdpc_module, "_MIN_ELEMENTWISE_ROWS", 1)
     got = dbdpc(x, 0.2)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     dist = cosine_distances(x)
@@ -305,12 +306,19 @@ def _both_forms(x, cutoff, block_size=128, **kw):
 
 
 @pytest.mark.parametrize(("n", "dim", "k", "spread", "cutoff", "kernel"), CASES)
-@pytest.mark.parametrize("tile_items", [None, 17, 64])  # None: the real tile size
+@pytest.mark.parametrize(
+    ("tile_items", "budget"),  # tile_items None: the real tile size; budget None: the default
+    [(None, None), (17, None), (64, None), (17, 0), (None, 0), (64, 150), (None, 900)],
+)
 def test_blocked_equals_stored_on_the_oracle_cases(
-    monkeypatch, n, dim, k, spread, cutoff, kernel, tile_items
+    monkeypatch, n, dim, k, spread, cutoff, kernel, tile_items, budget
 ):
+    """The same centers and labels whether the rows come from the neighbour lists (all kept), are
+    all recomputed (budget 0) or some of each (a budget that a few tiles overflow)."""
     if tile_items is not None:  # tiles of tile_items // n rows: 17 divides none of these N
         monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", tile_items * n)
+    if budget is not None:
+        monkeypatch.setattr(dbdpc_module, "_NEIGHBOUR_BUDGET", budget)
     x = _blobs(n, dim, k, spread, seed=n + dim)
     dist = cosine_distances(x)
     ref_centers, ref_labels = _reference_dbdpc(
@@ -333,26 +341,43 @@ def test_blocked_equals_stored_on_the_oracle_cases(
     zeros=st.integers(0, 3),
     block_size=st.integers(1, 20),
     tile_rows=st.integers(1, 12),
+    budget=st.sampled_from([None, 0, 1, 7, 40, 200]),
     seed=st.integers(0, 10_000),
 )
 # Found by hypothesis: a 2-row tile computes a row with other bits at position 1 than at position 0,
-# so a recomputed row must sit at its first-pass position (i mod T).
-@example(n=7, dim=5, k=1, spread=0.875, cutoff=0.0, duplicates=3, zeros=1, block_size=1, tile_rows=2, seed=0)
+# so a recomputed row must sit at its first-pass position (i mod T). Budget 0: every row with a
+# neighbour is recomputed.
+@example(
+    n=7,
+    dim=5,
+    k=1,
+    spread=0.875,
+    cutoff=0.0,
+    duplicates=3,
+    zeros=1,
+    block_size=1,
+    tile_rows=2,
+    budget=0,
+    seed=0,
+)
 def test_blocked_equals_stored_with_ties_and_duplicates(
-    n, dim, k, spread, cutoff, duplicates, zeros, block_size, tile_rows, seed
+    n, dim, k, spread, cutoff, duplicates, zeros, block_size, tile_rows, budget, seed
 ):
-    """Exact duplicates and zero vectors give exactly equal distances and densities (ties)."""
+    """Exact duplicates and zero vectors give exactly equal distances and densities (ties); budget:
+    the neighbour entries the blocked form may keep (None: the default), the rest is recomputed."""
     x = _blobs(n, dim, k, spread, seed)
     g = torch.Generator().manual_seed(seed)
     copies = x[torch.randint(0, n, (duplicates,), generator=g)]
     x = torch.cat([x, copies, torch.zeros(zeros, dim)])[torch.randperm(n + duplicates + zeros, generator=g)]
-    saved = dbdpc_module._MATMUL_ITEMS
+    saved = dbdpc_module._MATMUL_ITEMS, dbdpc_module._NEIGHBOUR_BUDGET
     dbdpc_module._MATMUL_ITEMS = tile_rows * x.shape[0]  # hypothesis forbids the monkeypatch fixture
+    if budget is not None:
+        dbdpc_module._NEIGHBOUR_BUDGET = budget
     try:
         stored, blocked = _both_forms(x, cutoff, block_size)
         dist = cosine_distances(x)
     finally:
-        dbdpc_module._MATMUL_ITEMS = saved
+        dbdpc_module._MATMUL_ITEMS, dbdpc_module._NEIGHBOUR_BUDGET = saved
     ref_centers, ref_labels = _reference_dbdpc(dist.double().tolist(), density(dist).tolist(), cutoff)
     assert stored[0].tolist() == blocked[0].tolist() == ref_centers
     assert stored[1].tolist() == blocked[1].tolist() == ref_labels
@@ -365,13 +390,14 @@ def test_recomputed_rows_have_the_bits_of_the_stored_matrix(monkeypatch):
     monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 40 * n)  # 8 tiles of 38 rows, the last padded
     x = _blobs(n, 48, 9, 0.1, seed=5)
     xn = dbdpc_module.normalize_rows(x)
-    dist, rho, row_near, rows_of = dbdpc_module._distance_pass(xn, 2.0, "gaussian", 0.21, store=True)
+    dist, rho, row_near, rows_of, lists = dbdpc_module._distance_pass(xn, 2.0, "gaussian", 0.21, store=True)
+    assert lists is None
     assert rows_of.rows_per_tile == 38 and dist.shape == (n, n)
     out = torch.empty(38, n)
     for idx in ([7], [300, 0], list(range(150, 188)), torch.randperm(n)[:38].tolist()):
         idx = torch.tensor(idx)
         assert torch.equal(rows_of(idx, out), dist[idx])
-    scratch_dist, scratch_rho, scratch_near, _ = dbdpc_module._distance_pass(
+    scratch_dist, scratch_rho, scratch_near, _, lists = dbdpc_module._distance_pass(
         xn, 2.0, "gaussian", 0.21, store=False
     )
     assert scratch_dist.shape == (38, n)  # blocked: one tile, no N x N buffer
@@ -434,3 +460,89 @@ def test_budget_cutoff_search_uses_the_configured_memory_form(monkeypatch):
     blocked = dbdpc_cutoff_for(x, 12, matrix_max_points=0)
     assert seen and set(seen) == {0}
     assert blocked == dbdpc_cutoff_for(x, 12)
+
+
+def _within_cutoff_entries(dist: torch.Tensor, cutoff: float) -> dict[int, list[tuple[int, float]]]:
+    """Row i -> [(j, d_ij)] for j != i with d_ij <= cutoff, read from a stored matrix."""
+    out = {}
+    for i in range(dist.shape[0]):
+        row = dist[i].clone()
+        row[i] = float("inf")
+        cols = (row <= cutoff).nonzero().squeeze(1)
+        out[i] = list(zip(cols.tolist(), row[cols].tolist(), strict=True))
+    return out
+
+
+@pytest.mark.parametrize("budget", [0, 5, 60, 400, 1 << 25])
+def test_neighbour_lists_hold_the_stored_matrix_entries(monkeypatch, budget):
+    """The first pass of the blocked form keeps exactly the stored matrix's within-cutoff entries
+    (same bits) of the rows it keeps, records every row's degree, and never holds more than the
+    budget: the rows it drops are the heaviest (a degree cap)."""
+    n, cutoff = 203, 0.3
+    monkeypatch.setattr(dbdpc_module, "_MATMUL_ITEMS", 17 * n)  # 12 tiles of 17 rows, the last partial
+    monkeypatch.setattr(dbdpc_module, "_NEIGHBOUR_BUDGET", budget)
+    x = _blobs(n, 16, 7, 0.12, seed=11)
+    x[50:60] = x[3]  # a row of exact duplicates: the heaviest rows
+    dist = cosine_distances(x)
+    want = _within_cutoff_entries(dist, cutoff)
+    xn = dbdpc_module.normalize_rows(x)
+    _, rho, row_near, _, lists = dbdpc_module._distance_pass(xn, 2.0, "gaussian", cutoff, store=False)
+    assert torch.equal(rho, density(dist))
+    degree = torch.tensor([len(want[i]) for i in range(n)])
+    assert torch.equal(lists.degree, degree) and torch.equal(row_near, degree > 0)
+    assert lists.columns.numel() <= budget
+    kept = lists.kept.nonzero().squeeze(1)
+    assert bool((lists.kept | (degree > 0)).all())  # only rows with entries are ever dropped
+    if budget >= int(degree.sum()):
+        assert lists.cap is None and kept.numel() == n
+    else:
+        assert lists.cap is not None and bool((degree[~lists.kept] > lists.cap).all())
+        assert bool((degree[lists.kept] <= lists.cap).all())
+    source, columns, distances = lists.entries(kept)
+    got = {int(i): [] for i in kept}
+    for s, j, d in zip(source.tolist(), columns.tolist(), distances.tolist(), strict=True):
+        got[int(kept[s])].append((j, d))
+    assert got == {int(i): want[int(i)] for i in kept}  # exact floats, columns ascending
+
+
+def test_equidistant_centers_and_a_heavy_row_in_the_blocked_walk(monkeypatch):
+    """Hand-made ties: point 0 sits exactly between two centers (the same bits in both rows) and goes
+    to the denser, earlier one; a pile of identical points has the heaviest rows and is dropped
+    from the neighbour lists (budget 600), so its rows are recomputed; both walks agree with the
+    reference."""
+    a, b = math.cos(0.4), math.sin(0.4)
+    # 16 copies of `left` outweigh point 0's closeness to everybody; the single `right` does not.
+    left, right, pile, near_pile = [a, b, 0.0], [a, -b, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 1.0]
+    x = torch.tensor([[1.0, 0.0, 0.0]] + [left] * 16 + [right] + [pile] * 30 + [near_pile] * 2)
+    cutoff = 0.1  # 1 - cos(0.4) = 0.079 <= 0.1 < 1 - cos(0.8) = 0.303
+    dist = cosine_distances(x)
+    assert dist[1, 0] == dist[17, 0]  # point 0 is exactly as far from both centers
+    rho = density(dist)
+    assert rho[1] > rho[0] > rho[17]  # visited: left, 0 (excluded by left), right (a center)
+    ref_centers, ref_labels = _reference_dbdpc(dist.double().tolist(), rho.tolist(), cutoff)
+    assert ref_labels[0] == 1 and 1 in ref_centers and 17 in ref_centers
+    # Degrees: left 16, point 0 17, right 1, pile and near pile 31 (1266 entries): the cap falls to 17.
+    monkeypatch.setattr(dbdpc_module, "_NEIGHBOUR_BUDGET", 600)
+    xn = dbdpc_module.normalize_rows(x)
+    lists = dbdpc_module._distance_pass(xn, 2.0, "gaussian", cutoff, store=False)[4]
+    assert lists.cap == 17 and not bool(lists.kept[18:].any()) and bool(lists.kept[:18].all())
+    for block_size in (1, 3, 128):
+        stored, blocked = _both_forms(x, cutoff, block_size)
+        assert stored[0].tolist() == blocked[0].tolist() == ref_centers
+        assert stored[1].tolist() == blocked[1].tolist() == ref_labels
+
+
+def test_elementwise_slices_are_at_least_32_rows():
+    """At large N the ~1 MiB slices of the density pass were 4 rows (65,536 points): 130k tiny
+    OpenMP regions per call, each waiting for both threads on a busy machine. Slices now have at
+    least 32 rows (the tile's last slice may be shorter) and never cross a tile boundary; N <= 8192
+    keeps its 1 MiB slices."""
+    for n in (1000, 8000, 8192, 16384, 65536):
+        t = dbdpc_module._tile_rows(n)
+        slices = dbdpc_module._row_slices(n)
+        assert slices[0][0] == 0 and slices[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))  # contiguous
+        assert all(s // t == (e - 1) // t for s, e in slices)  # inside one tile
+        assert all(e - s >= min(32, n) for s, e in slices if e % t and e != n)
+    assert {e - s for s, e in dbdpc_module._row_slices(8000)} <= {32, 8000 % 32, 1000 % 32}
+    assert len(dbdpc_module._row_slices(65536)) == 65536 // 32

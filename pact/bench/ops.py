@@ -9,9 +9,10 @@ without an N x N buffer) and `pact.ops.dbdpc` on the same N x D float32 points, 
 data: "blobs" (many small clusters of different tightness on the unit sphere, like visual-token
 keys: clusters, chains and singletons at the default cutoff 0.21) and "random" (isotropic
 Gaussian: every point is its own cluster). It also reports the peak extra resident memory of the
-DBDPC call and, for N up to --reference-max, the time of a re-implementation of the reference's
-algorithm (report §2.6.2: N x N temporaries rebuilt on every round, one host synchronisation per
-point in the sequential tail).
+DBDPC call (and its analytic part: the N x N matrix, or the blocked form's fixed buffers without
+its neighbour lists) and, for N up to --reference-max, the time of a re-implementation of the
+reference's algorithm (report §2.6.2: N x N temporaries rebuilt on every round, one host
+synchronisation per point in the sequential tail).
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def bench_ops(
     "blocked"), clusters, matmul_s (one x @ x.T, only for n <= matmul_max, else None: it needs the
     N x N output), pass_s (`blocked_matmul_pass`), dbdpc_s (medians of `repeats` after one warm-up),
     ratio = dbdpc_s / matmul_s (or None), pass_ratio = dbdpc_s / pass_s, peak_extra_mib (measured,
-    None where /proc is unavailable), analytic_mib (the buffers of the chosen form) and reference_s
+    None where /proc is unavailable), analytic_mib (the fixed buffers of the chosen form) and reference_s
     (reference-style algorithm, one run, only for n <= reference_max, else None). The peak is
     measured over the timed runs; `warmup=False` skips the untimed first call (large N, where one
     call takes minutes and the warm-up effects are negligible).
@@ -184,8 +185,9 @@ def bench_ops(
                 reference_s = _median_seconds(lambda x=x: reference_style_dbdpc(x, cutoff), 1)
             stored = n <= matrix_max_points
             tile = max(1, -(-n // -(-n // max(1, (1 << 23) // n))))  # rows per distance tile
-            # the matrix, or the blocked form's tile buffer + its row cache (whole tiles)
-            distances = n * n if stored else (tile + -(-max(tile, 128) // tile) * tile) * n
+            # the matrix, or the blocked form's tile of distances and its bool mask (1/4 of a float);
+            # its neighbour lists (8 bytes per pair within the cutoff) come on top, data-dependent
+            distances = n * n if stored else tile * n * 5 // 4
             row = {
                 "n": n,
                 "dim": dim,
@@ -198,8 +200,8 @@ def bench_ops(
                 "ratio": None if matmul_s is None else dbdpc_s / matmul_s,
                 "pass_ratio": dbdpc_s / pass_s,
                 "peak_extra_mib": None if peak is None else peak / 2**20,
-                # distances + normalised copy + 1 MiB element-wise scratch + <= 128 gathered rows
-                "analytic_mib": (4 * distances + 4 * n * dim + 2**20 + 4 * 128 * n) / 2**20,
+                # distances + normalised copy + 1 MiB element-wise scratch
+                "analytic_mib": (4 * distances + 4 * n * dim + 2**20) / 2**20,
                 "reference_s": reference_s,
             }
             rows.append(row)

@@ -32,17 +32,26 @@ same bits whichever rows share its tile: this is what lets the blocked form belo
 still take exactly the decisions the stored matrix gives.
 
 Memory (`matrix_max_points`): for N <= matrix_max_points (default 8192, a 256 MiB matrix) the N x N
-distance matrix is stored by the first pass and read by the center walk; above it ("blocked"), no
-N x N buffer exists: the first pass keeps only the densities and a "has a neighbour" flag per row,
-and the walk recomputes the rows it reads (those of points with a neighbour within the cutoff, T at
-a time: the next T such points still undecided, in density order, so each tile serves several walk
-blocks). Extra memory is then the normalised copy of x, O(N) vectors and max(T, block_size) x N
-distances (32 MiB at N = 65,536); the matmul work at most about doubles. Both forms give the same
-centers and labels, bit for bit: they share the first pass (so the densities and the density order
-are identical) and read the same distance bits.
+distance matrix is stored by the first pass and read by the center walk. Above it ("blocked") no
+N x N buffer exists. The walk only ever reads entries within the cutoff (a point is excluded by a
+center within the cutoff, and a point that is not a center has its nearest center within the
+cutoff), so the first pass keeps, for each row, its entries d_ij <= cutoff (j != i) as neighbour
+lists (`_NeighbourLists`: int32 column + float32 distance, in row order), and the walk runs on them:
+every distance is computed once, by the first pass. The lists have a budget (`_NEIGHBOUR_BUDGET`,
+2^25 entries = 256 MiB, the stored matrix at 8192 points): when a tile would pass it, the rows of the
+largest degrees stop being kept (a degree cap), and the walk recomputes those "heavy" rows when it
+needs them (`_RecomputedRows`, at their first-pass position, T at a time, ahead along the density
+order). When the points have on average fewer than budget / N neighbours within the cutoff (512 at
+N = 65,536) nothing is recomputed.
+Extra memory: the normalised copy of x, O(N) vectors, one (T, N) tile of distances and its (T, N)
+bool mask, the lists (at most the budget) and, only if some row is heavy, a row cache of about one
+tile. Both forms give the same centers and labels, bit for bit: they share the first pass (so the
+densities and the density order are identical) and read the same distance bits, and the two walks
+take the same decisions (`_select_and_assign_sparse`).
 
 Speed: the first pass computes the rows tile by tile; 1 - cos, the density and each row's nearest
-other point are computed on ~1 MiB slices while they are hot in cache. Center selection uses the
+other point (stored) or within-cutoff mask (blocked) are computed on ~1 MiB slices while they are
+hot in cache. Center selection uses the
 principle of the paper's appendix D (a point none of whose denser, still undecided points is within
 the cutoff is certainly a center; the points within the cutoff of a center are certainly not) on
 blocks of the density order:
@@ -54,7 +63,8 @@ blocks of the density order:
   later blocks and keeps a running nearest center, so no separate assignment pass is needed.
 Points whose row has no other point within the cutoff (on data without cluster structure, nearly
 all of them) exclude nobody and are nobody's nearest center: their rows are never read (nor
-recomputed). Host synchronisations: a few per block plus one per round, never one per point.
+recomputed). Host synchronisations: a few per block plus one per round, never one per point (the
+blocked first pass: one per tile).
 
 Gradients: the clustering is a discrete decision; it is computed without autograd on detached
 inputs (a model run with gradients enabled gets the same indices), and only the merged means that
@@ -70,8 +80,15 @@ from pact.ops.scoring import check_finite
 _NORM_EPS = 1e-12
 _KERNELS = ("gaussian", "exponential")
 _ELEMENTWISE_ITEMS = 1 << 18  # rows of this many floats (1 MiB) stay in cache for the density passes
+# ... but never fewer rows than this per slice: each element-wise op is one OpenMP region, and with
+# 2 threads on a busy machine every region waits for both (65,536 points: 4-row slices made 130k
+# regions and tripled the time; 32 rows cost the same single-threaded). N <= 8192: no change.
+_MIN_ELEMENTWISE_ROWS = 32
 _MATMUL_ITEMS = 1 << 23  # 32 MiB of distances per matmul call (DBDPC tiles, retrieval chunks)
 MATRIX_MAX_POINTS = 8192  # default: store the N x N matrix (256 MiB) up to this N, blocked above
+# blocked form: within-cutoff entries kept from the first pass (8 bytes each: 256 MiB, the stored
+# matrix at MATRIX_MAX_POINTS)
+_NEIGHBOUR_BUDGET = 1 << 25
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +138,12 @@ def _tile_rows(n: int) -> int:
 
 
 def _elementwise_rows(n: int) -> int:
-    return max(1, _ELEMENTWISE_ITEMS // max(1, n))
+    return max(1, _MIN_ELEMENTWISE_ROWS, _ELEMENTWISE_ITEMS // max(1, n))
 
 
 def _row_slices(n: int) -> list[tuple[int, int]]:
-    """The (start, stop) row slices of the density pass: ~1 MiB each, never across a tile boundary.
+    """The (start, stop) row slices of the density pass: ~1 MiB (at least 32 rows) each, never across
+    a tile boundary.
 
     `density` and the first pass of `dbdpc` sum exactly the same slices, hence the same bits.
     """
@@ -175,12 +193,14 @@ class _DistanceRows:
 
 def _distance_pass(
     xn: torch.Tensor, dn: float, kernel: str, cutoff: float, store: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _DistanceRows]:
-    """First pass over every distance row: densities and "has a neighbour" flags, and the matrix.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _DistanceRows, _NeighbourLists | None]:
+    """First pass over every distance row: densities, "has a neighbour" flags, and the matrix or
+    the neighbour lists.
 
     xn: (N, D) float32 unit rows. Returns dist: float32 (N, N) if `store`, else the (T, N) scratch
     tile (the blocked form reuses it); rho float32 (N,); row_near bool (N,), whether some OTHER
-    point is within `cutoff` in that row; and the row source.
+    point is within `cutoff` in that row; the row source; and, blocked only, the within-cutoff
+    entries of the rows (`_NeighbourLists`, finished), else None.
     """
     n = xn.shape[0]
     distance_rows = _DistanceRows(xn)
@@ -188,7 +208,9 @@ def _distance_pass(
     # The stored matrix gets the last tile's padding rows too, so every tile is written in place.
     buffer = torch.empty(-(-n // t) * t if store else t, n, dtype=torch.float32, device=xn.device)
     rho = torch.empty(n, dtype=torch.float32, device=xn.device)
-    nearest_other = torch.empty(n, dtype=torch.float32, device=xn.device)
+    nearest_other = torch.empty(n if store else 0, dtype=torch.float32, device=xn.device)
+    lists = None if store else _NeighbourLists(n, _NEIGHBOUR_BUDGET, xn.device)
+    within = None if store else torch.empty(t, n, dtype=torch.bool, device=xn.device)
     tmp = torch.empty(min(_elementwise_rows(n), n), n, dtype=torch.float32, device=xn.device)
     step = _elementwise_rows(n)
     for a in range(0, n, t):
@@ -196,13 +218,115 @@ def _distance_pass(
         tile = distance_rows(torch.arange(a, b, device=xn.device), buffer[a : a + t] if store else buffer)
         for s in range(a, b, step):  # the slices of `_row_slices`
             e = min(s + step, b)
-            rows = tile[s - a : e - a]  # ~1 MiB, hot in cache for the passes below
+            rows = tile[s - a : e - a]  # ~1 MiB (>= 32 rows), hot in cache for the passes below
             diagonal = rows[:, s:e].diagonal()
-            diagonal.fill_(float("inf"))
-            nearest_other[s:e] = rows.amin(1)
+            diagonal.fill_(float("inf"))  # nobody is its own neighbour
+            if within is None:
+                nearest_other[s:e] = rows.amin(1)
+            else:
+                torch.le(rows, cutoff, out=within[s - a : e - a])
             diagonal.zero_()
             rho[s:e] = _kernel_row_sums(rows, dn, kernel, tmp)
-    return buffer[:n] if store else buffer, rho, nearest_other <= cutoff, distance_rows
+        if lists is not None:
+            lists.add(a, within[: b - a], tile)
+    if lists is None:
+        return buffer[:n], rho, nearest_other <= cutoff, distance_rows, None
+    lists.finish()
+    return buffer, rho, lists.degree > 0, distance_rows, lists
+
+
+class _NeighbourLists:
+    """The within-cutoff entries (d_ij <= cutoff, j != i) of the distance rows, kept by the first
+    pass of the blocked form, in row order (compressed sparse rows).
+
+    The walk reads nothing else: a point is excluded by a center within the cutoff, and a point
+    that is not a center has its nearest center within the cutoff. Every row's degree (number of
+    entries) is recorded; its entries are kept unless they would pass the budget: then a degree cap
+    is set (or lowered) so that the rows kept so far hold at most half the budget, the rows above
+    it are dropped, and later rows above it are not kept. A dropped row ("heavy": many points
+    within the cutoff) is recomputed by the walk if it needs it (`_RecomputedRows`). Which rows are
+    kept changes the speed only: every entry has the bits of the stored matrix.
+
+    Memory: at most `budget` entries of 8 bytes (int32 column, float32 distance), plus O(N).
+    """
+
+    def __init__(self, n: int, budget: int, device: torch.device) -> None:
+        self.n, self.budget = n, budget
+        self.degree = torch.zeros(n, dtype=torch.long, device=device)  # entries of every row
+        self.kept = torch.ones(n, dtype=torch.bool, device=device)  # row's entries are kept
+        self.cap: int | None = None  # rows of more entries are not kept
+        # (first row, kept degree per row, columns, distances) per tile, rows ascending
+        self._chunks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._count = 0
+        self.kept_degree = self.degree
+        self.offsets = self.columns = self.distances = torch.zeros(0)
+
+    def add(self, start: int, within: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows start.. of the matrix: within (r, N) bool, d <= cutoff off the diagonal; rows (>= r, N)."""
+        r = within.shape[0]
+        flat = within.reshape(-1).nonzero().squeeze(1)  # row by row, columns ascending (host sync)
+        degree = torch.bincount(flat // self.n, minlength=r)  # faster than a sum over bools
+        self.degree[start : start + r] = degree
+        if self.cap is not None:
+            light = degree <= self.cap
+            self.kept[start : start + r] = light
+            if not bool(light.all()):
+                flat = flat[light.repeat_interleave(degree)]
+                degree = degree * light
+        count = flat.numel()
+        if not count:
+            return
+        values = rows[:r].reshape(-1)[flat]
+        self._chunks.append((start, degree, (flat % self.n).to(torch.int32), values))
+        self._count += count
+        if self._count > self.budget:
+            self._lower_cap()
+
+    def _lower_cap(self) -> None:
+        """Drop the rows of the largest degrees: the rest hold at most budget // 2 entries."""
+        values = self.degree[self.kept & (self.degree > 0)].sort().values
+        total = values.cumsum(0)
+        last_of_value = torch.ones_like(values, dtype=torch.bool)
+        last_of_value[:-1] = values[1:] != values[:-1]
+        fits = values[last_of_value & (total <= self.budget // 2)]
+        self.cap = int(fits.max()) if fits.numel() else 0
+        self.kept &= self.degree <= self.cap
+        chunks, self._count = [], 0
+        for start, degree, columns, distances in self._chunks:
+            light = degree <= self.cap
+            if not bool(light.all()):
+                entry = light.repeat_interleave(degree)
+                degree, columns, distances = degree * light, columns[entry], distances[entry]
+            if columns.numel():
+                chunks.append((start, degree, columns, distances))
+                self._count += columns.numel()
+        self._chunks = chunks
+
+    def finish(self) -> None:
+        """Concatenate the tiles' entries (chunk by chunk: at most one chunk is held twice)."""
+        device = self.degree.device
+        self.kept_degree = self.degree * self.kept
+        self.offsets = torch.zeros(self.n + 1, dtype=torch.long, device=device)
+        torch.cumsum(self.kept_degree, 0, out=self.offsets[1:])
+        self.columns = torch.empty(self._count, dtype=torch.int32, device=device)
+        self.distances = torch.empty(self._count, dtype=torch.float32, device=device)
+        at = 0
+        self._chunks.reverse()
+        while self._chunks:
+            _, _, columns, distances = self._chunks.pop()
+            self.columns[at : at + columns.numel()] = columns
+            self.distances[at : at + columns.numel()] = distances
+            at += columns.numel()
+
+    def entries(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept entries of the rows of points (k,) (all kept): (source position in points,
+        column, distance), each (E,)."""
+        counts = self.kept_degree[points]
+        total = int(counts.sum())
+        source = torch.repeat_interleave(torch.arange(points.numel(), device=points.device), counts)
+        first = torch.cumsum(counts, 0) - counts  # each row's first entry in the result
+        idx = self.offsets[points][source] + torch.arange(total, device=points.device) - first[source]
+        return source, self.columns[idx].long(), self.distances[idx]
 
 
 class _StoredRows:
@@ -210,9 +334,6 @@ class _StoredRows:
 
     def __init__(self, dist: torch.Tensor) -> None:
         self.dist = dist
-
-    def prepare(self, points: torch.Tensor, upcoming: torch.Tensor) -> None:
-        """Nothing to do: every row is there."""
 
     def columns(self, points: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """(k, m) distances d[points, cols], read from the points' rows."""
@@ -224,26 +345,26 @@ class _StoredRows:
 
 
 class _RecomputedRows:
-    """The walk's view of the distance matrix without storing it: a cache of recomputed rows.
+    """Distance rows recomputed without storing the matrix: a cache of whole tiles' worth of rows.
 
-    `prepare(points, upcoming)` makes sure the rows of `points` (the current block's points with a
-    neighbour) are cached; when one is missing, the cache is refilled with the rows of `points` and
-    of the next points of `upcoming` (the rest of the queue, density order) that have a neighbour,
-    up to the cache size. The queue keeps its order and only loses points, so the next refill
-    starts past the previous one: every row is computed about once.
+    `prepare(points, upcoming)` makes sure the rows of `points` (all `wanted`) are cached; when one
+    is missing, the cache is refilled with the rows of `points` and of the next `wanted` points of
+    `upcoming` (the rest of the queue, density order), up to the cache size. The queue keeps its
+    order and only loses points, so the next refill starts past the previous one: every row is
+    computed about once.
     """
 
     def __init__(
-        self, distance_rows: _DistanceRows, scratch: torch.Tensor, row_near: torch.Tensor, block_size: int
+        self, distance_rows: _DistanceRows, scratch: torch.Tensor, wanted: torch.Tensor, block_size: int
     ):
         t = distance_rows.rows_per_tile
-        n = row_near.shape[0]
+        n = wanted.shape[0]
         self.distance_rows = distance_rows
-        self.row_near = row_near
+        self.wanted = wanted
         capacity = -(-max(block_size, t) // t) * t  # whole tiles, at least one walk block
         self.scratch = scratch  # the first pass's (T, N) tile buffer, free now: one computation's output
         self.cache = torch.empty(capacity, n, dtype=torch.float32, device=scratch.device)
-        self.slot = torch.full((n,), -1, dtype=torch.long, device=row_near.device)
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=wanted.device)
 
     def prepare(self, points: torch.Tensor, upcoming: torch.Tensor) -> None:
         if bool((self.slot[points] >= 0).all()):
@@ -254,7 +375,7 @@ class _RecomputedRows:
         # their homes, upcoming rows (density order) the homes still free, up to the cache size.
         count = torch.bincount(points % t, minlength=t)
         calls = max(-(-capacity // t), int(count.max()))
-        upcoming = upcoming[self.row_near[upcoming]]
+        upcoming = upcoming[self.wanted[upcoming]]
         call_u = count[upcoming % t] + _rank_within(upcoming % t, t)
         keep = call_u < calls
         wanted = torch.cat([points, upcoming[keep]])[:capacity]
@@ -270,11 +391,54 @@ class _RecomputedRows:
                 self.slot[members] = torch.arange(filled, filled + k, device=members.device)
                 filled += k
 
-    def columns(self, points: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.cache[self.slot[points][:, None], cols[None, :]]
-
     def rows(self, points: torch.Tensor) -> torch.Tensor:
+        """(k, N) distance rows of points (prepared)."""
         return self.cache.index_select(0, self.slot[points])
+
+
+class _BlockedRows:
+    """The walk's view of the distance matrix in the blocked form: the within-cutoff entries of a
+    row, from the first pass's neighbour lists or, for a row too heavy to keep, recomputed."""
+
+    def __init__(
+        self,
+        lists: _NeighbourLists,
+        distance_rows: _DistanceRows,
+        scratch: torch.Tensor,
+        row_near: torch.Tensor,
+        cutoff: float,
+        block_size: int,
+    ) -> None:
+        self.lists, self.cutoff = lists, cutoff
+        heavy = row_near & ~lists.kept
+        # the row cache (~one tile) only exists when some row could not be kept
+        self.recomputed = (
+            _RecomputedRows(distance_rows, scratch, heavy, block_size) if bool(heavy.any()) else None
+        )
+
+    def entries(
+        self, points: torch.Tensor, upcoming: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries d <= cutoff off the diagonal of the rows of points (k,): (source position in
+        points, column, distance), each (E,). upcoming: the rest of the queue (density order), whose
+        heavy rows a recomputation may compute ahead."""
+        if self.recomputed is None:
+            return self.lists.entries(points)
+        heavy = ~self.lists.kept[points]
+        if not bool(heavy.any()):
+            return self.lists.entries(points)
+        light, heavy = (~heavy).nonzero().squeeze(1), heavy.nonzero().squeeze(1)
+        source, columns, distances = self.lists.entries(points[light])
+        self.recomputed.prepare(points[heavy], upcoming)
+        rows = self.recomputed.rows(points[heavy])
+        within = rows <= self.cutoff
+        within[torch.arange(heavy.numel(), device=rows.device), points[heavy]] = False
+        row, column = within.nonzero().unbind(1)
+        return (
+            torch.cat([light[source], heavy[row]]),
+            torch.cat([columns, column]),
+            torch.cat([distances, rows[row, column]]),
+        )
 
 
 def _rank_within(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -347,7 +511,7 @@ def _resolve_block(adjacent: torch.Tensor) -> torch.Tensor:
 
 
 def _select_and_assign(
-    source: _StoredRows | _RecomputedRows,
+    source: _StoredRows,
     rho: torch.Tensor,
     cutoff: float,
     row_near: torch.Tensor,
@@ -355,7 +519,7 @@ def _select_and_assign(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Centers by the sequential rule, and each point's nearest center (module docstring).
 
-    source: the distance rows, stored or recomputed (same bits).
+    source: the stored distance rows.
     row_near: (N,) bool, whether row i has another point within the cutoff; a point whose row has
     none can exclude nobody and be nobody else's nearest center, so its row is never read.
     """
@@ -374,7 +538,6 @@ def _select_and_assign(
             is_center[block] = True
             continue
         near_points = block[near]
-        source.prepare(near_points, queue)
         adjacent = torch.zeros(block.numel(), block.numel(), dtype=torch.bool, device=device)
         adjacent[near] = source.columns(near_points, block) <= cutoff  # other rows reach only themselves
         is_block_center = _resolve_block(adjacent)
@@ -385,6 +548,66 @@ def _select_and_assign(
             closer = dmin < nearest  # strict: an earlier (denser) center keeps ties
             nearest = torch.where(closer, dmin, nearest)
             labels = torch.where(closer, talkers[arg], labels)
+            queue = queue[nearest[queue] > cutoff]  # drop the points these centers exclude
+    centers = is_center.nonzero().squeeze(1)
+    labels[centers] = centers
+    return centers, labels
+
+
+def _select_and_assign_sparse(
+    source: _BlockedRows, rho: torch.Tensor, cutoff: float, row_near: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_select_and_assign` on the rows' within-cutoff entries: the same blocks, the same rounds.
+
+    The decisions only read entries d <= cutoff: a block point is excluded by a new center whose row
+    has it within the cutoff, and a point that is not a center has its nearest center within the
+    cutoff (the one that excluded it is), so the larger distances of the stored walk's `min` never
+    win; a center's own label is set at the end in both. Nearest center: the smallest distance, ties
+    to the densest center (lowest density rank), replacing an earlier block's only if strictly
+    closer, as the stored walk's first minimum and strict `<`.
+    """
+    n = rho.shape[0]
+    device = rho.device
+    is_center = torch.zeros(n, dtype=torch.bool, device=device)
+    nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=device)  # within the cutoff
+    labels = torch.arange(n, device=device)
+    order = density_order(rho)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=device)
+    position = torch.full((n,), -1, dtype=torch.long, device=device)  # in the current block, else -1
+    best = torch.full((n,), float("inf"), dtype=torch.float32, device=device)  # scratch, reset per block
+    best_rank = torch.full((n,), n, dtype=torch.long, device=device)
+    queue = order  # the undecided points, in density order
+    while queue.numel():
+        block, queue = queue[:block_size], queue[block_size:]
+        near = row_near[block].nonzero().squeeze(1)  # block positions whose row reaches somebody
+        if not near.numel():
+            is_center[block] = True  # nobody in the block reaches anybody
+            continue
+        near_points = block[near]
+        row, column, distance = source.entries(near_points, queue)
+        b = block.numel()
+        position[block] = torch.arange(b, device=device)
+        target = position[column]
+        position[block] = -1
+        inside = target >= 0
+        adjacent = torch.zeros(b, b, dtype=torch.bool, device=device)
+        adjacent[near[row[inside]], target[inside]] = True
+        is_block_center = _resolve_block(adjacent)
+        is_center[block[is_block_center]] = True
+        talks = is_block_center[near][row]  # entries of the new centers' rows
+        if bool(talks.any()):
+            center, column, distance = near_points[row[talks]], column[talks], distance[talks]
+            best.scatter_reduce_(0, column, distance, "amin")
+            dmin = best[column]
+            tie = distance == dmin
+            best_rank.scatter_reduce_(0, column[tie], rank[center[tie]], "amin")
+            closer = dmin < nearest[column]  # strict: an earlier (denser) center keeps ties
+            hit = column[closer]
+            nearest[hit] = dmin[closer]
+            labels[hit] = order[best_rank[hit]]
+            best[column] = float("inf")
+            best_rank[column] = n
             queue = queue[nearest[queue] > cutoff]  # drop the points these centers exclude
     centers = is_center.nonzero().squeeze(1)
     labels[centers] = centers
@@ -439,16 +662,17 @@ def dbdpc(
         dn: density bandwidth d_n (the reference hard-codes 2).
         kernel: "gaussian" exp(-(d/dn)^2) (reference code) or "exponential" exp(-d/dn) (paper eq. 6).
         block_size: points resolved together in the center-selection walk (speed only).
-        matrix_max_points: store the N x N distance matrix when N <= this (fastest), else recompute
-            distance rows in tiles (no N x N buffer). Same result either way; 0 = always blocked.
+        matrix_max_points: store the N x N distance matrix when N <= this, else keep only each row's
+            within-cutoff entries (no N x N buffer). Same result either way; 0 = always blocked.
 
     Returns:
         centers: LongTensor[C], ascending point indices of the cluster centers.
         labels: LongTensor[N], point index of each point's (nearest) center; labels[c] == c.
 
     Raises ValueError on NaN/Inf input. Memory: the normalised float32 copy of x, O(N) vectors, and
-    either the float32 N x N matrix (N <= matrix_max_points) or max(T, block_size) x N distance rows
-    (T ~ 32 MiB / (4 N) rows, see the module docstring).
+    either the float32 N x N matrix (N <= matrix_max_points) or one (T, N) tile of distances (T ~
+    32 MiB / (4 N) rows) with its bool mask plus the rows' within-cutoff entries, at most
+    `_NEIGHBOUR_BUDGET` (256 MiB; see the module docstring).
     """
     _check_cutoff(cutoff, dn, kernel)
     _check_sizes(block_size, matrix_max_points)
@@ -459,13 +683,14 @@ def dbdpc(
         return empty, empty.clone()
     with torch.no_grad():
         store = n <= matrix_max_points
-        dist, rho, row_near, distance_rows = _distance_pass(
+        dist, rho, row_near, distance_rows, lists = _distance_pass(
             normalize_rows(x.detach()), dn, kernel, cutoff, store
         )
-        # Blocked: the first pass's (T, N) tile buffer becomes the row cache.
-        blocked = None if store else _RecomputedRows(distance_rows, dist, row_near, block_size)
-        source = _StoredRows(dist) if blocked is None else blocked
-        return _select_and_assign(source, rho, cutoff, row_near, block_size)
+        if lists is None:
+            return _select_and_assign(_StoredRows(dist), rho, cutoff, row_near, block_size)
+        # Blocked: the first pass's (T, N) tile buffer is the scratch of any recomputed row.
+        source = _BlockedRows(lists, distance_rows, dist, row_near, cutoff, block_size)
+        return _select_and_assign_sparse(source, rho, cutoff, row_near, block_size)
 
 
 def retrieve(points: torch.Tensor, centers: torch.Tensor, max_distance: float) -> torch.Tensor:
