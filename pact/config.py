@@ -222,7 +222,7 @@ class PactConfig:
     sum exp(-d/d_n) (paper eq. 6)."""
     dbdpc_matrix_max_points: int = 8192
     """DBDPC stores the N x N float32 distance matrix when N <= this (256 MiB at 8192, fastest);
-    above it the rows are recomputed in tiles (no N x N buffer, about twice the matmul work). Same
+    above it only each row's within-cutoff entries are kept (no N x N buffer, about one matmul pass). Same
     centers and labels either way; 0 = always blocked (long videos on a busy GPU)."""
     retrieval: bool = True
     """Add pruned tokens within retrieval_coef * cutoff of their nearest center to that cluster."""

@@ -51,7 +51,7 @@ def pact_reduce(
         retrieval: give pruned tokens within retrieval_coef * cutoff (<=) back to their nearest center.
         dn, kernel: DBDPC density bandwidth and kernel (see `pact.ops.dbdpc`).
         matrix_max_points: DBDPC stores its N x N distance matrix up to this many kept tokens and
-            recomputes distance rows in tiles above (same result, no N x N buffer).
+            keeps only within-cutoff distance entries above (same result, no N x N buffer).
         merge_mean: merged token = unweighted mean of all members (kept + retrieved), else the
             center keeps its own hidden state.
         prune / cluster: switch EUTI / DBDPC off for the ablations (see the module docstring).
