@@ -29,6 +29,19 @@ projections and the optional per-head q/k norms. Any other sub-module (an extra 
 gate ...) makes ``check_supported`` refuse the model instead of computing wrong queries/keys."""
 
 
+def refuse_unknown_children(
+    module: nn.Module, known: frozenset[str] | set[str], what: str, family: str
+) -> None:
+    """Raise ValueError when ``module`` has sub-modules outside ``known``: an attention (or linear
+    attention) the adapter does not model would give wrong recomputed queries/keys, silently."""
+    unknown = sorted({name for name, _ in module.named_children()} - set(known))
+    if unknown:
+        raise ValueError(
+            f"{what} ({type(module).__name__}) has sub-modules {', '.join(unknown)} that the {family} "
+            f"adapter does not model (known: {', '.join(sorted(known))}); its queries/keys would be wrong"
+        )
+
+
 class ModelAdapter:
     """Family-specific answers about one model instance.
 
@@ -202,13 +215,9 @@ class ModelAdapter:
                     f"decoder layer {i} ({type(layer).__name__}) has no {', '.join(missing)}; "
                     f"the {self.family} adapter cannot recompute its queries and keys"
                 )
-            unknown = sorted({name for name, _ in attn.named_children()} - KNOWN_ATTENTION_CHILDREN)
-            if unknown:
-                raise ValueError(
-                    f"decoder layer {i}'s attention ({type(attn).__name__}) has sub-modules "
-                    f"{', '.join(unknown)} that the {self.family} adapter does not model "
-                    f"(known: {', '.join(sorted(KNOWN_ATTENTION_CHILDREN))}); its queries/keys would be wrong"
-                )
+            refuse_unknown_children(
+                attn, KNOWN_ATTENTION_CHILDREN, f"decoder layer {i}'s attention", self.family
+            )
 
     def unsupported_reason(self) -> str | None:
         """Why this model instance cannot be reduced (None: it can). Override per family."""

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pact.models.base import KNOWN_ATTENTION_CHILDREN
+from pact.models.base import KNOWN_ATTENTION_CHILDREN, refuse_unknown_children
 from pact.models.qwen2_vl import Qwen2VLAdapter, QwenProbe
 
 LINEAR_ATTENTION_CHILDREN = frozenset(
@@ -170,13 +170,9 @@ class Qwen3_5Adapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face cl
                     f"decoder layer {i} is a linear_attention layer but has no linear_attn/input_layernorm; "
                     f"the {self.family} adapter cannot read it"
                 )
-            unknown = sorted({name for name, _ in net.named_children()} - LINEAR_ATTENTION_CHILDREN)
-            if unknown:
-                raise ValueError(
-                    f"decoder layer {i}'s linear attention ({type(net).__name__}) has sub-modules "
-                    f"{', '.join(unknown)} that the {self.family} adapter does not model "
-                    f"(known: {', '.join(sorted(LINEAR_ATTENTION_CHILDREN))})"
-                )
+            refuse_unknown_children(
+                net, LINEAR_ATTENTION_CHILDREN, f"decoder layer {i}'s linear attention", self.family
+            )
         for i, layer in enumerate(self.layers):
             if i in linear:
                 continue
@@ -187,13 +183,9 @@ class Qwen3_5Adapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face cl
                     f"decoder layer {i} is a full_attention layer without self_attn "
                     f"{', '.join(missing)}; the {self.family} adapter cannot recompute its queries and keys"
                 )
-            unknown = sorted({name for name, _ in attn.named_children()} - KNOWN_ATTENTION_CHILDREN)
-            if unknown:
-                raise ValueError(
-                    f"decoder layer {i}'s attention ({type(attn).__name__}) has sub-modules "
-                    f"{', '.join(unknown)} that the {self.family} adapter does not model "
-                    f"(known: {', '.join(sorted(KNOWN_ATTENTION_CHILDREN))}); its queries/keys would be wrong"
-                )
+            refuse_unknown_children(
+                attn, KNOWN_ATTENTION_CHILDREN, f"decoder layer {i}'s attention", self.family
+            )
 
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):  # noqa: N801 (mirrors the Hugging Face class name)
