@@ -12,6 +12,7 @@ after image == stock, and the stock pattern kept among the kept tokens.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,20 +159,20 @@ LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full
 WINDOW = 8
 
 
-def tiny_gemma3(impl: str):
+def tiny_gemma3(impl: str, layers: int = 4):
     import transformers as T
 
     text = {
         "vocab_size": 256,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,
         "query_pre_attn_scalar": 16,
         "sliding_window": WINDOW,
-        "layer_types": LAYER_TYPES,
+        "layer_types": [LAYER_TYPES[i % 2] for i in range(layers)],
         "rms_norm_eps": 1e-6,
         "initializer_range": 0.125,
         "bos_token_id": 1,
@@ -197,6 +198,13 @@ def tiny_gemma3(impl: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = T.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+        # Gemma's RMSNorms scale by (1 + weight), weight initialised to 0: every per-head q/k norm
+        # would then give all keys the same norm, and norm-based choices (DART's pivots) would be
+        # ties broken by rounding. A trained model's norms are not flat; give them random weights.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.normal_(0.0, 0.5)
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = 0, 2, 1
     return model.eval()
@@ -410,3 +418,56 @@ def test_unsupported_scale_is_refused():
 
     with pytest.raises(ValueError, match="query_pre_attn_scalar=24"):
         Gemma3Adapter(model).check_supported()
+
+
+BUNDLED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+TINY_OVERRIDES = {"dbscan": {"dbscan_eps": 0.9}, "holitom": {"holitom_inner_layer": 4}}  # as for 6 layers
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_bundled_config_runs_or_is_refused_with_a_reason(name):
+    """On a 6-layer tiny Gemma 3 (sliding and global layers alternating): each bundled config either
+    is refused at install with a ValueError naming the family or the setting, or runs a left-padded
+    batch (two images, text only, one image) whose last-token logits equal each sample's alone."""
+    model = tiny_gemma3("sdpa", layers=6)
+    prompts = [prompt([5], images=2), [1, 30, 31, 32, 7, 8], prompt([5, 6])]
+    try:
+        engine = install(model, name, **TINY_OVERRIDES.get(name, {}))
+    except ValueError as err:
+        assert "gemma3" in str(err) or "video" in str(err), err
+        return
+    together = logits(model, with_positions(batch(prompts)))[:, -1]
+    assert torch.isfinite(together).all()
+    batched = engine.stats().records
+    for b, p in enumerate(prompts):
+        alone = logits(model, with_positions(batch([p])))[0, -1]
+        if name in CENTER_TIES:
+            # the same clusters (labels up to renaming); which member of a two-token cluster is its
+            # center is an exact tie (both are equally far from their mean), broken by rounding
+            for step, records in enumerate(engine.stats().records):
+                assert (batched[step][b] is None) == (records[0] is None)
+                if records[0] is not None:
+                    assert partition(batched[step][b].labels) == partition(records[0].labels)
+            continue
+        torch.testing.assert_close(together[b], alone, rtol=1e-4, atol=1e-4)
+    greedy_cached(model, batch(prompts), 2)
+
+
+CENTER_TIES = {"kmeans"}
+
+
+def partition(labels: torch.Tensor) -> set[frozenset[int]]:
+    """The clusters of ``labels`` as sets of member indices (ignoring the cluster ids)."""
+    clusters: dict[int, set[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        if label >= 0:
+            clusters.setdefault(label, set()).add(i)
+    return {frozenset(c) for c in clusters.values()}
+
+
+def with_positions(x: dict) -> dict:
+    """``x`` with position ids counted from each sample's first token (as generate builds them), so
+    that a sample has the same positions alone and left-padded: DART's pivots and k-means'
+    assignments otherwise flip between the two on rounding differences of the RoPE tables at shifted
+    absolute positions (measured: the same sample alone, positions + 20, flips them too)."""
+    return {**x, "position_ids": (x["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
