@@ -471,3 +471,32 @@ def with_positions(x: dict) -> dict:
     assignments otherwise flip between the two on rounding differences of the RoPE tables at shifted
     absolute positions (measured: the same sample alone, positions + 20, flips them too)."""
     return {**x, "position_ids": (x["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+
+
+@pytest.mark.parametrize("mode", ["renumber", "mean"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_position_modes_cached_equals_uncached_and_batch_equals_alone(mode, layer):
+    """``renumber`` (the window then runs over the reduced sequence's positions, in prefill and
+    decode) and ``mean`` (merged tokens at their members' mean position) keep the guarantees."""
+    model = tiny_gemma3("sdpa")
+    install(model, "pact", layer=layer, position_mode=mode)
+    x = batch([prompt([5, 6, 20, 21, 22])])
+    assert greedy_cached(model, x, 8) == greedy_uncached(model, x, 8)
+    prompts = [prompt([5], images=2), prompt([5, 6])]
+    together = logits(model, with_positions(batch(prompts)))[:, -1]
+    for b, p in enumerate(prompts):
+        alone = logits(model, with_positions(batch([p])))[0, -1]
+        torch.testing.assert_close(together[b], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["tome", "sparsevlm"])
+def test_progressive_methods_cached_equals_uncached(config):
+    """Several reduction steps across sliding and global layers (each step's layout gets each
+    table's cos/sin anew; the scores of a step use its own layer's table). Not PDrop: its scores
+    read the last token's query, which an uncached re-prefill changes with every generated token."""
+    model = tiny_gemma3("eager", layers=6)
+    engine = install(model, config, **TINY_OVERRIDES.get(config, {}))
+    x = batch([prompt([5, 6, 20, 21, 22], images=2)])
+    cached = greedy_cached(model, x, 6)
+    assert len(engine.stats().layers) > 1
+    assert cached == greedy_uncached(model, x, 6)
