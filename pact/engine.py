@@ -68,8 +68,8 @@ from torch import nn
 
 from pact import attention_backend
 from pact.methods.base import Method, Signals
-from pact.models.base import ModelAdapter
-from pact.ops.attention import build_attention_mask
+from pact.models.base import LayerAttention, ModelAdapter
+from pact.ops.attention import build_attention_mask, build_block_window_mask
 from pact.ops.merge import cluster_means
 from pact.ops.reduction import Reduction
 from pact.packing import (
@@ -176,6 +176,7 @@ class Prefill:
     # (B, T) bool non-candidate slots a Reduction may remove (``drop_removable``: image newlines)
     removable: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # (A, B, T) rotary position ids of the prefill
+    blocks: torch.Tensor | None = None  # (B, T) long image blocks (ModelAdapter.attention_blocks) or None
     visual_before: list[int] = field(default_factory=list)  # per sample, visual patch tokens
     inputs: dict[str, Any] = field(default_factory=dict)  # the call's keyword arguments, for methods
 
@@ -194,6 +195,11 @@ class Reduced:
     layers_done: list[int] = field(default_factory=list)
     timer: _Timer = field(default_factory=_Timer)
     injection: FollowedInjection | None = None  # visual features added after some layers (DeepStack)
+    # per-layer rules (ModelAdapter.layer_attention): each layer's rotary positions and image blocks
+    # (B, R_i), and the current layout's cos/sin per rotary table (reset with every new layout)
+    layer_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    rule_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,7 +214,9 @@ class CallProgress:
     # per reduction step k, the cos/sin of the renumbered ones fed to layers between reduction k and
     # k+1 (layers < L keep the stock ones: their cache holds the unreduced prompt)
     decode_positions: torch.Tensor | None = None
-    decode_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decode_rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # per-layer rules: the stock position ids (B, n) of every token after the prefill, for windows
+    new_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -267,6 +275,11 @@ class Engine:
         # sdpa: carry the key bias in an extra q/k column instead of a 4-D mask (keeps is_causal).
         fast_ok = impl in ("sdpa", attention_backend.PACT_SDPA)
         self.fast_sdpa = fast_ok and bool(getattr(config, "sdpa_fast_path", True))
+        # Layers that differ in rotary table and mask (Gemma 3): each reduced layer gets its own
+        # cos/sin and an explicit mask (image blocks cannot ride on SDPA's is_causal fast path).
+        self.layer_rules: list[LayerAttention] | None = adapter.layer_attention()
+        if self.layer_rules is not None:
+            self.fast_sdpa = False
         # position_mode="renumber" changes positions on 1-D RoPE only: on M-RoPE (Qwen2-VL/2.5-VL) the
         # official Qwen ports of vision-side methods keep each kept token's (t, h, w) ids, which is
         # what "center" does (DESIGN.md section 3, docs/CONFIGDOC.md).
@@ -314,7 +327,13 @@ class Engine:
     def set_fast_sdpa(self, enabled: bool) -> None:
         """Switch the sdpa fast path (key bias in an extra q/k column, causal kernels) on or off;
         off: layers >= L get the explicit 4-D float mask, as on eager. No-op on other backends."""
-        if enabled and not self._switched and self.handles and self.method is not None:
+        if (
+            enabled
+            and self.layer_rules is None
+            and not self._switched
+            and self.handles
+            and self.method is not None
+        ):
             impl = self.adapter.attn_implementation
             if impl in ("sdpa", attention_backend.PACT_SDPA):
                 self.fast_sdpa = True
@@ -426,6 +445,8 @@ class Engine:
         pre.fast = self.fast_sdpa and self.adapter.attn_implementation == attention_backend.PACT_SDPA
         pre.candidates = cand
         pre.removable = removable if bool(removable.any()) else None
+        if self.layer_rules is not None:
+            pre.blocks = self.adapter.attention_blocks(input_ids, kwargs)
         pre.inputs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values")}
         pre.inputs["input_ids"] = input_ids
         self.method.prepare(self.model, self.adapter, pre.inputs, st.context)
@@ -448,7 +469,9 @@ class Engine:
             if self.adapter.injects_visual_features:
                 self._take_injection(kwargs)
         else:
-            if self.first_layer <= self.length_layer:
+            if self.layer_rules is not None:
+                self._record_new_positions(kwargs)
+            elif self.first_layer <= self.length_layer:
                 # Every attention layer's mask is ours: skip the stock mask, which would read the
                 # reduced cache length of layer 0 (or of a hybrid decoder's first attention layer). A
                 # 4-D mask (or flash's 2-D one, sized to the reduced cache) is used as given; the layer
@@ -474,11 +497,16 @@ class Engine:
         layer i saw it renumbered. Computed once per reduction step and shared by its layers."""
         pre, call, red = self.state.prefill, self.state.call, self.state.reduced
         step = bisect.bisect_right(self.reduce_layers, i)
-        if step not in call.decode_rope:
+        kind = self.layer_rules[i].rotary if self.layer_rules is not None else None
+        if (step, kind) not in call.decode_rope:
             removed = pre.valid.sum(1) - red.layer_valid[i].sum(1)  # (B,)
             pos = call.decode_positions - removed.to(hidden.device).view(1, -1, 1)
-            call.decode_rope[step] = self.adapter.rotary(hidden, pos)
-        return call.decode_rope[step]
+            call.decode_rope[step, kind] = (
+                self.adapter.rotary(hidden, pos)
+                if kind is None
+                else self.adapter.layer_rotary(kind, hidden, pos)
+            )
+        return call.decode_rope[step, kind]
 
     def _restore_length(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Text-model post-hook of a reduced prefill: scatter the last hidden state (B, R, D) back to
@@ -518,6 +546,8 @@ class Engine:
                 lay = red.layout
                 if i in self.linear_layers:
                     return self._linear_layer_inputs(i, args, kwargs)
+                if self.layer_rules is not None:
+                    return self._rule_layer_inputs(i, hidden, args, kwargs)
                 kwargs["position_embeddings"] = (lay.cos, lay.sin)
                 kwargs["attention_mask"] = lay.mask
                 if pre.fast:
@@ -528,6 +558,8 @@ class Engine:
                 return args, kwargs
             if i in self.linear_layers:
                 return self._linear_layer_inputs(i, args, kwargs)
+            if self.layer_rules is not None:
+                return self._rule_decode_inputs(i, args, kwargs)
             if i >= self.first_layer:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 mask, bias = self._decode_inputs(i, kwargs.get("past_key_values"), hidden)
@@ -573,6 +605,109 @@ class Engine:
             kwargs["attention_mask"] = None
         else:
             kwargs["attention_mask"] = mask2d[:, -q:].to(hidden.device).contiguous()
+        return args, kwargs
+
+    # --- layers with their own rotary table and mask (ModelAdapter.layer_attention: Gemma 3) ----
+
+    def _rule_rope(self, kind: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, R, head_dim) of rotary table ``kind`` at the current layout's positions
+        (computed once per layout and table: a kept token gets exactly its stock rows)."""
+        red = self.state.reduced
+        if kind not in red.rule_tables:
+            red.rule_tables[kind] = self.adapter.layer_rotary(kind, hidden, red.layout.positions)
+        return red.rule_tables[kind]
+
+    def _slot_blocks(self) -> torch.Tensor:
+        """(B, R) long image block of each slot of the current layout (-1: text, padding). A new token
+        (``Reduction.extra``) takes the block of the slot it was placed after."""
+        pre, lay = self.state.prefill, self.state.reduced.layout
+        if pre.blocks is None:
+            return torch.full_like(lay.slot_orig, -1)
+        blocks = pre.blocks.to(lay.slot_orig.device)
+        return torch.where(lay.slot_orig >= 0, blocks.gather(1, lay.slot_orig.clamp(min=0)), -1)
+
+    def _rule_layer_inputs(
+        self, i: int, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """Prefill inputs of layer i >= L under per-layer rules: its rotary table at the layout's
+        positions and its mask (causal OR same image block, AND its window over those positions)."""
+        red, rule = self.state.reduced, self.layer_rules[i]
+        lay = red.layout
+        valid = lay.slot_orig >= 0
+        positions, blocks = lay.positions[0], self._slot_blocks()
+        kwargs["position_embeddings"] = self._rule_rope(rule.rotary, hidden)
+        kwargs["attention_mask"] = build_block_window_mask(
+            self._bias(lay.key_bias, valid),
+            blocks,
+            positions,
+            int(hidden.shape[1]),
+            rule.window,
+            hidden.dtype,
+        )
+        kwargs["position_ids"] = None
+        red.layer_bias[i], red.layer_valid[i] = lay.key_bias, valid
+        red.layer_positions[i], red.layer_blocks[i] = positions, blocks
+        return args, kwargs
+
+    def _record_new_positions(self, kwargs: dict) -> None:
+        """Text-model pre-hook of a cached step under per-layer rules: append the step's stock
+        position ids (unreduced timeline) to those of the tokens after the prefill (their windows)."""
+        pre, call = self.state.prefill, self.state.call
+        embeds = kwargs["inputs_embeds"]
+        pos = self.adapter.normalize_positions(kwargs.get("position_ids"), pre.batch)
+        if pos is None:
+            pos = self.adapter.decode_position_ids(
+                call.call_start, int(embeds.shape[1]), pre.batch, embeds.device
+            )
+        else:
+            pos = pos[0]
+        pos = pos.to(embeds.device)
+        call.new_positions = pos if call.new_positions is None else torch.cat([call.new_positions, pos], 1)
+        if self.renumber and self.state.reduced.layout is not None:
+            call.decode_positions = pos[None]
+        # every layer's mask is the engine's (the stock one would read reduced cache lengths)
+        kwargs["attention_mask"] = None
+
+    def _rule_decode_inputs(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Cached step, any layer i under per-layer rules: the mask over the keys the layer's cache
+        returns (``get_mask_sizes``: a sliding-window cache keeps only its last W - 1 rows), i.e. the
+        last of: the layer's prefix (reduced for i >= L), then every later token; causal OR same image
+        block, AND the window over rotary positions (layers >= L under renumber: the renumbered ones)."""
+        pre, call, red = self.state.prefill, self.state.call, self.state.reduced
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values")
+        rule = self.layer_rules[i]
+        q, dev = int(hidden.shape[1]), hidden.device
+        if i in red.layer_bias:  # a layer >= L: its reduced prefix
+            prefix_valid = red.layer_valid[i]
+            prefix_bias = self._bias(red.layer_bias[i], prefix_valid)
+            prefix_pos, prefix_blocks = red.layer_positions[i], red.layer_blocks[i]
+        else:
+            prefix_valid = pre.valid.to(dev)
+            prefix_bias = torch.where(prefix_valid, 0.0, float("-inf"))
+            prefix_pos = pre.positions[0].to(dev)
+            prefix_blocks = pre.blocks.to(dev) if pre.blocks is not None else torch.full_like(prefix_pos, -1)
+        layer_cache = cache.layers[i]
+        past = int(layer_cache.get_seq_length())
+        n_new = past + q - prefix_bias.shape[1]
+        if n_new < q or call.new_positions is None or call.new_positions.shape[1] < n_new:
+            raise RuntimeError(f"layer {i}: cache holds {past} keys, fewer than the prefill's prefix")
+        if call.mask2d is not None and call.mask2d.shape[1] >= n_new:
+            new_valid = call.mask2d[:, -n_new:].to(dev).bool()
+        else:
+            new_valid = torch.ones(pre.batch, n_new, dtype=torch.bool, device=dev)
+        new_pos = call.new_positions[:, -n_new:].to(dev)
+        if self.renumber and i in red.layer_bias:
+            new_pos = new_pos - (pre.valid.to(dev).sum(1) - prefix_valid.sum(1)).view(-1, 1)
+            kwargs["position_embeddings"] = self._renumbered_decode_rope(i, hidden)
+        bias = torch.cat([prefix_bias.to(dev), torch.where(new_valid, 0.0, float("-inf"))], 1)
+        positions = torch.cat([prefix_pos.to(dev), new_pos], 1)
+        blocks = torch.cat([prefix_blocks.to(dev), torch.full_like(new_pos, -1)], 1)
+        kv_length = int(layer_cache.get_mask_sizes(q)[0])  # the keys the attention receives
+        bias, positions, blocks = bias[:, -kv_length:], positions[:, -kv_length:], blocks[:, -kv_length:]
+        kwargs["attention_mask"] = build_block_window_mask(
+            bias, blocks, positions, q, rule.window, hidden.dtype
+        )
         return args, kwargs
 
     # --- masks --------------------------------------------------------------------------------
@@ -682,10 +817,11 @@ class Engine:
             # model numbers a prompt that is that short.
             new.positions = renumbered_positions(red.first_position.to(new_hidden.device), packing.slot_ok)
             new.cos, new.sin = self.adapter.rotary(new_hidden, new.positions)
-        if not pre.fast:
+        if not pre.fast and self.layer_rules is None:
             mask_dtype = lay.cos.dtype if not self.flash else torch.bool
             new.mask = self._mask(new.key_bias, packing.slot_ok, new_hidden.shape[1], mask_dtype)
         red.layout = new
+        red.rule_tables = {}
         red.layers_done.append(i)
         red.records.append(step_records)
         red.timer.stop()
@@ -705,11 +841,18 @@ class Engine:
         lay = st.reduced.layout
         h_b = hidden[b, slots]
         cos_b, sin_b = lay.cos[b, slots], lay.sin[b, slots]
+        if self.layer_rules is not None:  # layer i's own rotary table on the current layout
+            cos_i, sin_i = self._rule_rope(self.layer_rules[i].rotary, hidden)
+            cos_b, sin_b = cos_i[b, slots], sin_i[b, slots]
         orig_valid = torch.nonzero(st.prefill.valid[b], as_tuple=False).flatten().to(hidden.device)
 
         def qk_fn(j: int, h: torch.Tensor, rope: bool, want_q: bool, want_k: bool) -> tuple:
             if j == i:
                 c, s = cos_b, sin_b
+            elif self.layer_rules is not None:  # layer j's table of the original positions
+                pos = st.prefill.positions[:, b : b + 1, orig_valid.to(st.prefill.positions.device)]
+                c, s = self.adapter.layer_rotary(self.layer_rules[j].rotary, h[None], pos.to(h.device))
+                c, s = c[0], s[0]
             else:
                 c, s = st.reduced.original_rope[0][b, orig_valid], st.reduced.original_rope[1][b, orig_valid]
             return self.adapter.queries_keys(
@@ -849,6 +992,12 @@ def check_attention_backend(adapter: ModelAdapter, config: Any, method: Method |
     if impl == attention_backend.PACT_SDPA:  # pact is applied already (apply replaces it)
         impl = "sdpa"
     if impl.startswith("flash_attention"):
+        if adapter.layer_attention() is not None:
+            raise ValueError(
+                f"the model uses attn_implementation={impl!r}, which cannot take the per-layer masks "
+                f"{adapter.family} needs (image blocks, sliding windows) on a reduced sequence; load the "
+                "model with attn_implementation='sdpa' (or 'eager')"
+            )
         if getattr(config, "proportional_attention", True) and method.needs_merge:
             raise ValueError(
                 f"the model uses attn_implementation={impl!r}, which cannot add the proportional-attention "

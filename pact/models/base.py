@@ -340,6 +340,42 @@ class ModelAdapter:
         (row-major order), computed exactly as the model adds them."""
         raise NotImplementedError(f"{self.family}: injects_visual_features without an inject()")
 
+    # --- layers that differ in rotary table and mask (Gemma 3: sliding and global layers) ----------
+
+    def layer_attention(self) -> list[LayerAttention] | None:
+        """Per decoder layer, its rotary table and mask rule, or None (default) when every layer uses
+        the model's one rotary table and a plain causal mask. Given, the engine computes each reduced
+        layer's cos/sin with ``layer_rotary(kind, ...)`` and its mask with
+        ``pact.ops.attention.build_block_window_mask`` (image blocks from ``attention_blocks``, the
+        window over the layer's rotary positions), in prefill and cached steps, on eager and sdpa
+        (explicit masks: the sdpa fast path cannot express image blocks)."""
+        return None
+
+    def layer_rotary(
+        self, kind: str, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, head_dim) of ``positions`` (A, B, T) with the rotary table ``kind`` (a
+        ``LayerAttention.rotary``). Default: the model's one table (``rotary``)."""
+        return self.rotary(hidden, positions)
+
+    def attention_blocks(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """(B, T) long: the image block of each token whose tokens attend to each other in both
+        directions (>= 0), -1 elsewhere; None (default): attention is causal everywhere."""
+        return None
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one decoder layer attends (``ModelAdapter.layer_attention``).
+
+    rotary: name of its rotary table (layers with the same name share cos/sin).
+    window: sliding window over rotary positions (a key is visible to a query when
+        ``position(key) > position(query) - window``, the stock rule), None for a full layer.
+    """
+
+    rotary: str
+    window: int | None = None
+
 
 @dataclass
 class VisualInjection:
