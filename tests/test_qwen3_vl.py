@@ -187,6 +187,22 @@ def test_the_models_features_are_not_changed():
     assert torch.equal(first, second)
 
 
+def test_the_default_injection_is_the_models_deepstack_addition():
+    """ModelAdapter.inject (the default for a family that injects features) adds them as Qwen3-VL's
+    own ``_deepstack_process`` does, bit for bit, without touching its input."""
+    from pact.models.base import ModelAdapter
+
+    model, _ = model_for(FAMILY)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 64, generator=g)
+    mask = torch.rand(2, 7, generator=g) > 0.5
+    features = torch.randn(int(mask.sum()), 64, generator=g, dtype=torch.float64)
+    keep = hidden.clone()
+    want = model.model.language_model._deepstack_process(hidden, mask, features)
+    got = ModelAdapter.inject(get_adapter(model), hidden, mask, features)
+    assert torch.equal(got, want) and torch.equal(hidden, keep)
+
+
 def mixed_samples() -> list[dict]:
     return [
         one_image(FAMILY, 0),

@@ -337,8 +337,13 @@ class ModelAdapter:
 
     def inject(self, hidden: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``hidden`` (B, R, D) with ``features`` (M, D) added at the M positions of ``mask`` (B, R)
-        (row-major order), computed exactly as the model adds them."""
-        raise NotImplementedError(f"{self.family}: injects_visual_features without an inject()")
+        (row-major order), out of place. The default is the plain residual addition (in the hidden
+        states' dtype); a family whose model adds them otherwise overrides it with the model's own
+        function (Qwen3-VL: ``_deepstack_process``)."""
+        mask = mask.to(hidden.device)
+        out = hidden.clone()
+        out[mask] = out[mask] + features.to(hidden.device, hidden.dtype)
+        return out
 
     # --- layers that differ in rotary table and mask (Gemma 3: sliding and global layers) ----------
 
