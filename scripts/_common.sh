@@ -26,6 +26,10 @@ BASELINE=${BASELINE:-1}
 DRY_RUN=${DRY_RUN:-0}
 FAILED=()
 
+# The paper's task lists (lmms-eval names): its 16 LLaVA-OneVision tasks and its 12 Qwen2-VL tasks.
+PAPER_OV_TASKS="mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain scienceqa_img textvqa_val videomme mlvu_dev perceptiontest_test_mc egoschema"
+PAPER_QWEN_TASKS="mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain textvqa_val egoschema"
+
 # task_list "a,b c" -> "a b c"
 task_list() {
     echo "$1" | tr ',' ' '

@@ -29,7 +29,7 @@ source scripts/_common.sh
 MODEL=${MODEL:-llava-hf/llava-onevision-qwen2-7b-ov-hf}
 LMMS_MODEL=${LMMS_MODEL:-pact_llava_onevision}
 DTYPE=${DTYPE:-float16}
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain scienceqa_img textvqa_val videomme mlvu_dev perceptiontest_test_mc egoschema"}
+TASKS=${TASKS:-$PAPER_OV_TASKS}
 METHODS=${METHODS:-"dbdpc agglomerative kmeans dpc dbscan"}
 RATIOS=${RATIOS:-"0.3 0.4 0.5 0.6 0.7 0.8"}
 OUTPUT=${OUTPUT:-runs/ablation_clustering}

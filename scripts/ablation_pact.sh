@@ -35,7 +35,7 @@ source scripts/_common.sh
 MODEL=${MODEL:-llava-hf/llava-onevision-qwen2-7b-ov-hf}
 LMMS_MODEL=${LMMS_MODEL:-pact_llava_onevision}
 DTYPE=${DTYPE:-float16}
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain scienceqa_img textvqa_val videomme mlvu_dev perceptiontest_test_mc egoschema"}
+TASKS=${TASKS:-$PAPER_OV_TASKS}
 VARIANTS=${VARIANTS:-"pact no_retrieval layers"}
 CHOSEN_LAYER=${CHOSEN_LAYER:-4}
 OTHER_LAYERS=${OTHER_LAYERS:-"2 8"}

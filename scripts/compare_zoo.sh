@@ -35,7 +35,7 @@ source scripts/_common.sh
 MODEL=${MODEL:-llava-hf/llava-onevision-qwen2-7b-ov-hf}
 LMMS_MODEL=${LMMS_MODEL:-pact_llava_onevision}
 DTYPE=${DTYPE:-float16}
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain scienceqa_img textvqa_val videomme mlvu_dev perceptiontest_test_mc egoschema"}
+TASKS=${TASKS:-$PAPER_OV_TASKS}
 RATIOS=${RATIOS:-"0.5 0.7 0.9"}
 CONFIGS=${CONFIGS:-}
 EXCLUDE=${EXCLUDE:-}
@@ -73,16 +73,14 @@ for name in wanted or bundled:
 EOF
 }
 
+# config name -> its --model_args (the label names the run in the report and the plot)
+zoo_args() {
+    echo "pact_config=$1,label=$1"
+}
+
 names=$(zoo_configs "$FAMILY")
-for task in $(task_list "$TASKS"); do
-    run_baseline "$LMMS_MODEL" "$LOAD" "$task" "$OUTPUT"
-    for name in $names; do
-        for ratio in $RATIOS; do
-            run_eval "$LMMS_MODEL" "$LOAD,pact_config=$name,target_ratio=$ratio,label=$name" "$task" \
-                "$OUTPUT/$name" "${name}_r${ratio}_$task"
-        done
-    done
-done
+# shellcheck disable=SC2086  # names is a list of config names: split it into words on purpose
+run_at_ratios "$LMMS_MODEL" "$LOAD" "$OUTPUT" zoo_args $names
 if [ "$PLOT" = 1 ] && [ "$DRY_RUN" != 1 ] && [ "${#FAILED[@]}" -eq 0 ]; then
     "$PYTHON" -m pact plot "$OUTPUT" --out "$OUTPUT/figure.png"
 fi

@@ -25,7 +25,7 @@ source scripts/_common.sh
 
 MODEL=${MODEL:-llava-hf/llava-onevision-qwen2-7b-ov-hf}
 # mlvu is called mlvu_dev in lmms-eval >= 0.4 (the reference's lmms-eval 0.3 called it mlvu).
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain scienceqa_img textvqa_val videomme mlvu_dev perceptiontest_test_mc egoschema"}
+TASKS=${TASKS:-$PAPER_OV_TASKS}
 OUTPUT=${OUTPUT:-runs/pact_llava-onevision7b}
 KEEP_RATIO=${KEEP_RATIO:-0.55}
 CUTOFF=${CUTOFF:-0.21}

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 source scripts/_common.sh
 
 MODEL=${MODEL:-Qwen/Qwen2-VL-7B-Instruct}
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain textvqa_val egoschema"}
+TASKS=${TASKS:-$PAPER_QWEN_TASKS}
 OUTPUT=${OUTPUT:-runs/pact_qwen2-vl-7b}
 KEEP_RATIO=${KEEP_RATIO:-0.8}
 CUTOFF=${CUTOFF:-0.1}

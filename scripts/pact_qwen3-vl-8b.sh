@@ -28,7 +28,7 @@ source scripts/_common.sh
 
 MODEL=${MODEL:-Qwen/Qwen3-VL-8B-Instruct}
 LMMS_MODEL=${LMMS_MODEL:-pact_qwen3_vl}
-TASKS=${TASKS:-"mmmu_val infovqa_val mme mmstar docvqa_val mmbench_en_dev ai2d chartqa muirbench llava_interleave_bench_out_domain textvqa_val egoschema"}
+TASKS=${TASKS:-$PAPER_QWEN_TASKS}
 OUTPUT=${OUTPUT:-runs/pact_qwen3-vl-8b}
 KEEP_RATIO=${KEEP_RATIO:-0.8}
 CUTOFF=${CUTOFF:-0.1}
