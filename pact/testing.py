@@ -251,7 +251,9 @@ class TinyFamily:
     ``newline_placeholders``: the placeholder runs also hold the learned ``image_newline`` rows;
     ``batch_limit``: what ``build_inputs`` cannot put in one batch; ``mixes_images_and_videos``:
     False when the stock processor cannot put images and videos in one batch (``build_inputs``
-    then refuses, naming ``batch_limit``).
+    then refuses, naming ``batch_limit``); ``post_init(model)``: weights the family's own
+    initialisation leaves degenerate for a random model, re-drawn after construction (under the
+    model's seed).
     """
 
     config: Callable[[dict[str, Any], Mapping[str, Any] | None], Any]
@@ -264,6 +266,7 @@ class TinyFamily:
     newline_placeholders: bool = False
     batch_limit: str = _NO_LIMIT
     mixes_images_and_videos: bool = True
+    post_init: Callable[[Any], None] | None = None
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -786,6 +789,76 @@ def _qwen3_5_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# Gemma 3: a SigLIP tower (7-px patches, 8 x 8 per 56-px image) average-pooled 2 x 2 into 16 soft
+# tokens per image, and a decoder that alternates sliding-window (window 24: one image fits, like
+# 256 tokens in the released 1024) and global layers, each kind with its own RoPE table.
+_GEMMA3_SIZE = 56
+_GEMMA3_TOKENS = 16
+_GEMMA3_WINDOW = 24
+_GEMMA3_IDS = ("<image_soft_token>", "<start_of_image>", "<end_of_image>")
+
+
+def _gemma3_config(text: dict[str, Any], vision_overrides: Mapping[str, Any] | None) -> Any:
+    import transformers as T
+
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    kinds = ("sliding_attention", "full_attention")
+    gemma = {
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,  # the 4B/12B checkpoints' scale: 1/sqrt(head_dim)
+        "sliding_window": _GEMMA3_WINDOW,
+        "layer_types": [kinds[i % 2] for i in range(text["num_hidden_layers"])],
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": _GEMMA3_SIZE,
+        "patch_size": 7,
+    }
+    names = ("image_token_id", "boi_token_id", "eoi_token_id")
+    ids = {name: token_id(token) for name, token in zip(names, _GEMMA3_IDS, strict=True)}
+    return T.Gemma3Config(
+        text_config={**gemma, **text},
+        vision_config=_merged(vision, vision_overrides),
+        mm_tokens_per_image=_GEMMA3_TOKENS,
+        # the released models tie the output matrix to the (sqrt(hidden)-scaled) embeddings; a random
+        # tied model only echoes its last input token, so the tiny one has its own output matrix
+        tie_word_embeddings=False,
+        initializer_range=text["initializer_range"],  # the output matrix's, as the text decoder's
+        **ids,
+    )
+
+
+def _gemma3_post_init(model: Any) -> None:
+    """Gemma's RMSNorms scale by (1 + weight) with weight initialised to 0. Per-head q/k norms would
+    give all keys one norm (norm-based choices, DART's pivots, become rounding ties), and the four
+    sandwich norms of every layer make each layer's output one unit-scale direction that greedy
+    decoding repeats whatever the input; the decoder's norms get random weights, as a trained
+    model's have. The projection matrix (initialised to zeros, 0.02 after ``_reinit_zero_weights``)
+    gets unit-variance outputs, so images weigh as much as text in the residual stream (Gemma scales
+    the text embeddings by sqrt(hidden))."""
+    for name, param in model.named_parameters():
+        if "language_model" in name and name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")):
+            param.normal_(0.0, 0.5)
+        if name.endswith("mm_input_projection_weight"):
+            param.normal_(0.0, param.shape[0] ** -0.5)
+
+
+def _gemma3_processor(tokenizer: Any, template: str) -> Any:
+    import transformers as T
+
+    image = T.Gemma3ImageProcessor(
+        size={"height": _GEMMA3_SIZE, "width": _GEMMA3_SIZE},
+        # pan-and-scan (off by default, as in the released preprocessor configs) at the tiny scale
+        pan_and_scan_min_crop_size=_GEMMA3_SIZE // 2,
+    )
+    return T.Gemma3Processor(
+        image_processor=image, tokenizer=tokenizer, chat_template=template, image_seq_length=_GEMMA3_TOKENS
+    )
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -883,6 +956,20 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
         tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     ),
+    "gemma3": TinyFamily(
+        config=_gemma3_config,
+        processor=_gemma3_processor,
+        image_placeholder="<start_of_image>",
+        placeholder_tokens=("<image_soft_token>",),
+        tokenizer_attributes={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        special_tokens=_GEMMA3_IDS,
+        batch_limit=_NO_LIMIT + " (no video support)",
+        post_init=_gemma3_post_init,
+    ),
 }
 """family -> its ``TinyFamily`` entry; must cover every adapter of ``pact.models.ADAPTERS``."""
 
@@ -941,6 +1028,16 @@ def _reinit_zero_weights(model: torch.nn.Module, std: float = 0.02) -> None:
                 param.normal_(0.0, std)
 
 
+def _initialise(model: torch.nn.Module, family: str) -> None:
+    """Re-draw what a random ``family`` model would otherwise have degenerate (zero matrices, and the
+    family's ``post_init``); call under the model's seeded RNG."""
+    _reinit_zero_weights(model)
+    post_init = TINY_FAMILIES[family].post_init
+    if post_init is not None:
+        with torch.no_grad():
+            post_init(model)
+
+
 def tiny_model(
     family: str,
     *,
@@ -966,7 +1063,7 @@ def tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(family)._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-        _reinit_zero_weights(model)
+        _initialise(model, family)
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = (token_id(t) for t in ("<pad>", "<eos>", "<bos>"))
     return model.eval()
@@ -1445,7 +1542,7 @@ def random_model(
                 config, attn_implementation=attn_implementation, dtype=dtype
             )
         if device.type != "meta":
-            _reinit_zero_weights(model)
+            _initialise(model, family)
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = (token_id(t) for t in ("<pad>", "<eos>", "<bos>"))
     return model.eval()

@@ -212,8 +212,9 @@ def test_cache_lengths_per_layer(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_positions_kept_and_decode_continue_unreduced(family):
-    """Layers >= L get the cos/sin rows of the kept tokens' ORIGINAL positions (M-RoPE triples for
-    Qwen: checked on the position ids too); decode steps get the stock (unreduced) positions."""
+    """Layers >= L get the cos/sin rows of the kept tokens' ORIGINAL positions, each layer from its
+    own stock table (Gemma 3's sliding and global layers have two; M-RoPE triples for Qwen: checked
+    on the position ids too); decode steps get the stock (unreduced) positions."""
     model, _ = model_for(family)
     x = inputs_for(family, two_samples(family))
     layers = get_adapter(model).text_model.layers
@@ -241,17 +242,17 @@ def test_positions_kept_and_decode_continue_unreduced(family):
             h.remove()
     lay = pact.api.engine_of(model).layout
     stock_steps, pact_steps = seen["stock"], seen["pact"]
-    # prefill: layer 0 unchanged, layers L, 3 see gathered rows
-    (_, _, cos0, sin0), (_, _, cosL, sinL), (_, _, cos3, _) = pact_steps[:3]
-    assert torch.equal(cos0, stock_steps[0][2])
+    # prefill: layer 0 unchanged, layers L and 3 see the rows of their own stock table, gathered
+    (_, _, cos0, sin0) = pact_steps[0]
+    assert torch.equal(cos0, stock_steps[0][2]) and torch.equal(sin0, stock_steps[0][3])
     idx = lay.slot_orig.clamp(min=0)
     ok = lay.slot_orig >= 0
-    full_cos = cos0.expand(idx.shape[0], -1, -1)
-    full_sin = sin0.expand(idx.shape[0], -1, -1)
-    want_cos = full_cos.gather(1, idx[..., None].expand(-1, -1, cos0.shape[-1]))
-    want_sin = full_sin.gather(1, idx[..., None].expand(-1, -1, sin0.shape[-1]))
-    assert torch.equal(cosL[ok], want_cos[ok]) and torch.equal(sinL[ok], want_sin[ok])
-    assert torch.equal(cos3, cosL)
+    for (i, _, cos, sin), (j, _, stock_cos, stock_sin) in zip(pact_steps[1:3], stock_steps[1:3], strict=True):
+        assert i == j
+        gather = idx[..., None].expand(-1, -1, stock_cos.shape[-1])
+        want_cos = stock_cos.expand(idx.shape[0], -1, -1).gather(1, gather)
+        want_sin = stock_sin.expand(idx.shape[0], -1, -1).gather(1, gather)
+        assert torch.equal(cos[ok], want_cos[ok]) and torch.equal(sin[ok], want_sin[ok]), f"layer {i}"
     # decode steps (q = 1): identical position embeddings to the stock model in every layer
     decode_stock = [s for s in stock_steps if s[1] == 1]
     decode_pact = [s for s in pact_steps if s[1] == 1]
@@ -296,6 +297,7 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
             h.remove()
     lay = pact.api.engine_of(model).layout
     linear = pact.api.engine_of(model).linear_layers  # hybrid decoders: a 2-D padding mask, no bias
+    kinds = get_adapter(model).layer_attention()  # Gemma 3: sliding-window layers between global ones
     log2 = math.log(2.0)
     prefill, decode = masks[: len(layers)], masks[len(layers) :]
     for i, m in prefill:
@@ -305,21 +307,42 @@ def test_proportional_attention_mask_in_every_reduced_layer(family, attn):
             assert torch.equal(m, lay.slot_orig >= 0)
             continue
         assert m.dim() == 4
-        last = m[:, 0, -1].float()  # the last prompt token sees every reduced key
-        merged = lay.visual & (lay.sizes == 2)
+        last = m[:, 0, -1].float()  # the last prompt token sees every reduced key (in its window)
+        seen = lay.slot_orig >= 0
+        window = kinds[i].window if kinds else None
+        if window is not None:
+            position = lay.positions[0]
+            seen &= position > position[:, -1:] - window
+            assert not seen.all(), "the window should hide some keys of these prompts"
+        merged = lay.visual & (lay.sizes == 2) & seen
+        assert merged.any()
         assert torch.allclose(last[merged], torch.full_like(last[merged], log2), atol=1e-2)
-        assert (last[~merged & (lay.slot_orig >= 0)] == 0).all()
-        assert torch.isinf(last[lay.slot_orig < 0]).all()
+        assert (last[~merged & seen] == 0).all()
+        assert torch.isinf(last[~seen]).all()
     assert sum(1 for i, _ in decode if i >= L) == len(layers) - L
+    first_step = {}
     for i, m in decode:
         if i < L or i in linear:
             continue
         row = m[:, 0, -1].float()
         R = lay.sizes.shape[1]
-        assert row.shape[-1] == R + 1
-        merged = lay.visual & (lay.sizes == 2)
-        assert torch.allclose(row[:, :R][merged], torch.full_like(row[:, :R][merged], log2), atol=1e-2)
-        assert (row[:, R:] == 0).all()
+        window = kinds[i].window if kinds else None
+        # a sliding layer's cache keeps the last window - 1 rows of the reduced prompt
+        cached = R if window is None else min(R, window - 1)
+        assert row.shape[-1] == cached + 1
+        merged = (lay.visual & (lay.sizes == 2))[:, R - cached :]
+        visible = torch.isfinite(row[:, :cached])
+        if window is not None and i not in first_step:  # the first new token: position last + 1
+            position = lay.positions[0][:, R - cached :]
+            rule = (position > position[:, -1:] + 1 - window) & (lay.slot_orig[:, R - cached :] >= 0)
+            assert torch.equal(visible, rule), f"layer {i}"
+        first_step[i] = True
+        shown = merged & visible
+        assert torch.allclose(
+            row[:, :cached][shown], torch.full_like(row[:, :cached][shown], log2), atol=1e-2
+        )
+        assert (row[:, :cached][visible & ~merged] == 0).all()
+        assert (row[:, cached:] == 0).all()
     # without proportional attention: no log(size) anywhere
     masks.clear()
     apply_pairs(model, drop_every=0, proportional_attention=False)

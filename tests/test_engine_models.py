@@ -39,6 +39,7 @@ MISSING_CALL_KWARGS = {
     "glm4v": {"use_cache"},  # Glm4vTextModel does not pass it to its layers
     "qwen3_vl": {"use_cache"},  # not passed (unused)
     "qwen3_vl_moe": {"use_cache"},
+    "gemma3": {"use_cache"},  # Gemma3TextModel does not pass it to its layers
 }
 
 

@@ -22,6 +22,7 @@ from transformers.models.gemma3.modeling_gemma3 import (
     get_block_sequence_ids_for_mask,
 )
 
+import pact.testing as T
 from pact.ops.attention import build_block_window_mask
 
 NEG = float("-inf")
@@ -151,69 +152,31 @@ def test_block_window_mask_rejects_bad_arguments():
 
 # ------------------------------------------------------------------ the engine on a tiny Gemma 3
 #
-# The adapter is not in ``pact.models.ADAPTERS`` yet (no tiny processor entry, see the report), so
-# these tests build a tiny ``Gemma3ForConditionalGeneration`` here and install the engine directly.
+# The family's tiny model (pact.testing) with a shorter window (8), fed token-level prompts, so that
+# the hand-worked window answers below can be read off the prompt.
 
-IMG, BOI, EOI = 250, 251, 252
+IMG, BOI, EOI, BOS = (
+    T.token_id(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>", "<bos>")
+)
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 WINDOW = 8
 
 
 def tiny_gemma3(impl: str, layers: int = 4):
-    import transformers as T
-
-    text = {
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
-        "sliding_window": WINDOW,
-        "layer_types": [LAYER_TYPES[i % 2] for i in range(layers)],
-        "rms_norm_eps": 1e-6,
-        "initializer_range": 0.125,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 56,
-        "patch_size": 7,
-    }
-    cfg = T.Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=16,
-        image_token_id=IMG,
-        boi_token_id=BOI,
-        eoi_token_id=EOI,
+    model = T.tiny_model(
+        "gemma3",
+        attn_implementation=impl,
+        num_hidden_layers=layers,
+        text_overrides={"sliding_window": WINDOW},
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = T.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-        # Gemma's RMSNorms scale by (1 + weight), weight initialised to 0: every per-head q/k norm
-        # would then give all keys the same norm, and norm-based choices (DART's pivots) would be
-        # ties broken by rounding. A trained model's norms are not flat; give them random weights.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    param.normal_(0.0, 0.5)
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = 0, 2, 1
-    return model.eval()
+    assert model.config.get_text_config().layer_types == [LAYER_TYPES[i % 2] for i in range(layers)]
+    return model
 
 
 def prompt(text: list[int], images: int = 1, between: list[int] = (40, 41, 42)) -> list[int]:
     """bos, text, then ``images`` image runs (boi, 16 soft tokens, eoi) separated by ``between``
     (pan-and-scan crops are such runs), then a question."""
-    ids = [1, *text]
+    ids = [BOS, *text]
     for k in range(images):
         if k:
             ids += list(between)
@@ -222,15 +185,20 @@ def prompt(text: list[int], images: int = 1, between: list[int] = (40, 41, 42)) 
 
 
 def batch(prompts: list[list[int]]) -> dict:
-    """Left-padded inputs (token_type_ids 1 at image soft tokens, as Gemma3Processor gives them)."""
+    """Left-padded inputs (token_type_ids 1 at image soft tokens, as Gemma3Processor gives them);
+    the k-th image of every prompt is the same random image, so a sample alone and in a batch sees
+    the same pixels."""
     T_ = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (T_ - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T_ - len(p)) + [1] * len(p) for p in prompts])
-    n_images = int((ids == BOI).sum())
-    gen = torch.Generator().manual_seed(1)
     x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == IMG).long()}
-    if n_images:
-        x["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=gen)
+    images = [
+        torch.randn(3, 56, 56, generator=torch.Generator().manual_seed(k + 1))
+        for p in prompts
+        for k in range(p.count(BOI))
+    ]
+    if images:
+        x["pixel_values"] = torch.stack(images)
     return x
 
 
@@ -308,7 +276,7 @@ def test_cached_equals_uncached_greedy_past_the_window(impl, layer):
 @pytest.mark.parametrize("config", ["pact", "fastv"])
 def test_left_padded_batch_equals_each_alone(impl, config):
     model = tiny_gemma3(impl)
-    prompts = [prompt([5, 6]), [1, 30, 31, 32, 7, 8], prompt([5], images=2)]
+    prompts = [prompt([5, 6]), [BOS, 30, 31, 32, 7, 8], prompt([5], images=2)]
     install(model, config, layer=1)
     together = batch(prompts)
     got = logits(model, together)[:, -1]
@@ -322,7 +290,7 @@ def test_left_padded_batch_equals_each_alone(impl, config):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_text_only_after_image_is_stock(impl):
     model = tiny_gemma3(impl)
-    text = batch([[1, 30, 31, 32, 33, 7, 8]])
+    text = batch([[BOS, 30, 31, 32, 33, 7, 8]])
     stock = logits(model, text)
     stock_tokens = greedy_cached(model, text, 5)
     install(model, "pact", layer=1)
@@ -430,7 +398,7 @@ def test_every_bundled_config_runs_or_is_refused_with_a_reason(name):
     is refused at install with a ValueError naming the family or the setting, or runs a left-padded
     batch (two images, text only, one image) whose last-token logits equal each sample's alone."""
     model = tiny_gemma3("sdpa", layers=6)
-    prompts = [prompt([5], images=2), [1, 30, 31, 32, 7, 8], prompt([5, 6])]
+    prompts = [prompt([5], images=2), [BOS, 30, 31, 32, 7, 8], prompt([5, 6])]
     try:
         engine = install(model, name, **TINY_OVERRIDES.get(name, {}))
     except ValueError as err:
@@ -489,11 +457,12 @@ def test_position_modes_cached_equals_uncached_and_batch_equals_alone(mode, laye
         torch.testing.assert_close(together[b], alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", ["tome", "sparsevlm"])
+@pytest.mark.parametrize("config", ["tome", "v2drop"])
 def test_progressive_methods_cached_equals_uncached(config):
     """Several reduction steps across sliding and global layers (each step's layout gets each
-    table's cos/sin anew; the scores of a step use its own layer's table). Not PDrop: its scores
-    read the last token's query, which an uncached re-prefill changes with every generated token."""
+    table's cos/sin anew; the scores of a step use its own layer's table). Not PDrop or SparseVLM:
+    their scores read the text after the images (the last token's query, the text raters), which an
+    uncached re-prefill extends with every generated token."""
     model = tiny_gemma3("eager", layers=6)
     engine = install(model, config, **TINY_OVERRIDES.get(config, {}))
     x = batch([prompt([5, 6, 20, 21, 22], images=2)])

@@ -46,6 +46,9 @@ def expected_groups(family: str, inputs) -> list[Group]:
         # 32-pixel tokens (16-px patches merged 2 x 2), at least 16: 64 x 96 pixels (6 tokens) are
         # scaled by sqrt(16 / 6) and rounded up to 128 x 160 pixels, 4 x 5 tokens
         return [Group(0, "image", 0, 4, 5)]
+    if family == "gemma3":
+        # resized to 56 x 56 whatever its shape: 8 x 8 SigLIP patches of 7 px, average-pooled 2 x 2
+        return [Group(0, "image", 0, 4, 4)]
     raise AssertionError(family)
 
 

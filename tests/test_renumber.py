@@ -160,6 +160,42 @@ def short_injection_kwargs(model, x, source: list[int]) -> dict:
     return {"visual_pos_masks": torch.tensor(receives)[None], "deepstack_visual_embeds": features}
 
 
+def short_token_types(model, x, source: list[int]) -> torch.Tensor | None:
+    """(1, R') ``token_type_ids`` of the shortened sequence (sample 0 of ``x``) for families whose
+    stock mask has image blocks (Gemma 3: the tokens of one image attend to each other), None
+    otherwise: a kept token keeps its type, a new token takes the type of the row before it (the
+    engine puts it in that row's block)."""
+    if get_adapter(model).attention_blocks(x["input_ids"], x) is None:
+        return None
+    types, previous = [], 0
+    for t in source:
+        previous = int(x["token_type_ids"][0, t]) if t >= 0 else previous
+        types.append(previous)
+    return torch.tensor([types])
+
+
+def short_mask_kwargs(model, x, source: list[int], embeds: torch.Tensor) -> dict:
+    """The stock text model's masks for the shortened sequence with its image blocks (the mask
+    mapping the stock multimodal model builds from ``token_type_ids``); empty without blocks."""
+    types = short_token_types(model, x, source)
+    if types is None:
+        return {}
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    mapping = create_masks_for_vision_model(
+        config=model.config.get_text_config(),
+        inputs_embeds=embeds[None],
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+        block_sequence_ids=get_block_sequence_ids_for_mask(types),
+    )
+    return {"attention_mask": mapping}
+
+
 def mrope_positions(model, x) -> torch.Tensor:
     """(3, B, T) the stock M-RoPE position ids of the full prompt."""
     rope, _ = model.model.get_rope_index(
@@ -197,6 +233,26 @@ def stock_mrope_greedy(
     return torch.cat(tokens)
 
 
+def stock_greedy(model, embeds: torch.Tensor, prefill_kwargs: dict, n: int) -> torch.Tensor:
+    """(n,) greedy tokens of the stock text model fed ``embeds`` (R, D) at positions 0..R-1 with
+    ``prefill_kwargs`` (e.g. its masks), then decoding from position R on its own cache."""
+    from transformers import DynamicCache
+
+    text_model = get_adapter(model).text_model
+    cache = DynamicCache(config=model.config.get_text_config())
+    tokens = []
+    with torch.no_grad():
+        out = text_model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, **prefill_kwargs)
+        for k in range(n):
+            token = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)  # (1,)
+            tokens.append(token)
+            if k + 1 == n:
+                break
+            step = model.get_input_embeddings()(token)[:, None]
+            out = text_model(inputs_embeds=step, past_key_values=cache, use_cache=True)
+    return torch.cat(tokens)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The independent construction: the stock model on the shortened input
 
@@ -226,8 +282,11 @@ def test_renumber_at_layer_0_equals_stock_model_on_shortened_input(family, attn)
             cols.append(prev)
         positions = full[:, cols][:, None]
     deepstack = short_injection_kwargs(model, x, source)
+    blocks = short_mask_kwargs(model, x, source, short)
     with torch.no_grad():
-        hidden = text_model(inputs_embeds=short[None], position_ids=positions, **deepstack).last_hidden_state
+        hidden = text_model(
+            inputs_embeds=short[None], position_ids=positions, **deepstack, **blocks
+        ).last_hidden_state
         stock = model.lm_head(hidden)[0]
     rows = [r for r, t in enumerate(source) if t >= 0]
     torch.testing.assert_close(reduced[[source[r] for r in rows]], stock[rows], atol=1e-5, rtol=1e-4)
@@ -237,6 +296,9 @@ def test_renumber_at_layer_0_equals_stock_model_on_shortened_input(family, attn)
         assert torch.equal(stock_mrope_greedy(model, short, positions, int(full.max()) + 1, 3), reduced_gen)
     else:  # decoding continues from the reduced length
         with torch.no_grad():
+            if blocks:  # Gemma 3 (generate takes no inputs_embeds): the text model, then decode
+                assert torch.equal(stock_greedy(model, short, blocks, 3), reduced_gen)
+                return
             out = model.generate(
                 inputs_embeds=short[None],
                 attention_mask=torch.ones(1, short.shape[0], dtype=torch.long),
@@ -344,7 +406,14 @@ def test_renumber_positions_prefill_and_decode(family):
     stock positions. M-RoPE: exactly the stock (t, h, w) ids of the kept tokens and stock decoding."""
     model, _ = model_for(family)
     x = inputs_for(family, two_samples(family))
-    rotary = get_adapter(model).text_model.rotary_emb
+    adapter = get_adapter(model)
+    kinds = adapter.layer_attention()  # Gemma 3: layer L's own table (sliding layers: the local one)
+
+    def rotary(hidden: torch.Tensor, positions: torch.Tensor):
+        if kinds is not None:
+            return adapter.layer_rotary(kinds[L].rotary, hidden, positions[None])
+        return adapter.text_model.rotary_emb(hidden, positions)
+
     stock_steps, handles = grab_rope(model, (0, L))
     try:
         greedy(model, x, n=3)

@@ -199,12 +199,7 @@ class VisionCapture:
         if self.features:
             # Not detached: merged features are projected again and must carry gradients to the
             # vision tower when the forward runs with gradients (a view, so free otherwise).
-            inp = args[0]
-            if inp.numel() % rows.shape[0]:
-                raise RuntimeError(
-                    f"vision capture: projector input of {inp.numel()} values for {rows.shape[0]} rows"
-                )
-            features = inp.reshape(rows.shape[0], -1)
+            features = self.probe.row_features(args[0], rows.shape[0])
         with torch.no_grad():
             self._record_rows(rows, features)
 
@@ -245,7 +240,10 @@ def match_rows(
     The ``candidates`` nearest rows in a fixed, seeded 32-d random projection (float32), then the
     nearest of those in full width (near-duplicate rows, e.g. flat image regions, are told apart
     there). A token is *exact* when its distance to the chosen row is below 1e-6 of its norm (bit
-    copies in every family; interpolated tokens are not).
+    copies in every family; interpolated tokens are not). Rows within that distance of the nearest
+    are ties, resolved to the lowest row index: the same image twice in a batch (two questions on
+    one image) gives equal rows, and every token of either copy must come from the same crop, else a
+    per-crop rule (VisionZip's counts, PruMerge's images) would see one image as two.
 
     Args:
         embeds: (N, D) LLM input embeddings of the visual tokens. rows: (R, D) captured rows.
@@ -264,10 +262,13 @@ def match_rows(
     for start in range(0, n, step):
         e = embeds[start : start + step].float()
         near = torch.cdist(e @ w, pr).topk(k, dim=1, largest=False).indices  # (c, k)
+        near = near.sort(dim=1).values  # candidates by row index: ties go to the lowest
         full = torch.linalg.vector_norm(e[:, None, :] - r[near], dim=-1)  # (c, k)
-        err, pick = full.min(dim=1)
+        tolerance = 1e-6 * torch.linalg.vector_norm(e, dim=1).clamp_min(1e-12)
+        err = full.min(dim=1).values
+        pick = (full <= (err + tolerance)[:, None]).int().argmax(dim=1)  # the first of the ties
         best.append(near.gather(1, pick[:, None]).squeeze(1))
-        exact.append(err <= 1e-6 * torch.linalg.vector_norm(e, dim=1).clamp_min(1e-12))
+        exact.append(err <= tolerance)
     if not best:
         empty = torch.zeros(0, dtype=torch.long, device=embeds.device)
         return empty, empty.bool()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from pact.models.base import ModelAdapter, unsupported_model_error
+from pact.models.gemma3 import Gemma3Adapter
 from pact.models.glm4v import Glm4vAdapter
 from pact.models.internvl import InternVLAdapter
 from pact.models.llava import LlavaAdapter
@@ -32,6 +33,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         Qwen3_5MoeAdapter,
         SmolVLMAdapter,
         Glm4vAdapter,
+        Gemma3Adapter,
     )
 }
 """Family name -> adapter class."""

@@ -24,6 +24,43 @@ import torch
 
 from pact.models.base import LayerAttention, ModelAdapter
 from pact.models.groups import Group
+from pact.models.llava import ClipProbe
+
+
+class Gemma3Probe(ClipProbe):
+    """Gemma 3's SigLIP tower (no [CLS]; the projector reads the last layer after the post-layernorm).
+
+    The projector average-pools each image's ``p x p`` patch grid with a ``k x k`` kernel into
+    ``mm_tokens_per_image`` rows, normalises them (``mm_soft_emb_norm``) and multiplies by
+    ``mm_input_projection_weight``. A row's value is the mean of its ``k x k`` patches' values (what the
+    pooling does to the features), and the features a method merges are the pooled vectors, which
+    ``project`` sends through the projector's norm and matrix, as the model does after its pooling.
+    """
+
+    has_cls = False
+
+    def select_layer(self) -> int:
+        return len(self.layers()) - 1
+
+    def _pool(self, values: torch.Tensor, images: int) -> torch.Tensor:
+        """(images * p * p, C) per-patch values -> (images * r * r, C) by the projector's pooling."""
+        projector = self.vlm.multi_modal_projector
+        p = int(projector.patches_per_image)
+        x = values.reshape(images, p, p, -1).permute(0, 3, 1, 2)  # (N, C, p, p), as the projector
+        pooled = projector.avg_pool(x).flatten(2).transpose(1, 2)  # (N, r * r, C)
+        return pooled.reshape(-1, values.shape[-1])
+
+    def to_rows(self, values: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        return self._pool(values, len(segments))
+
+    def row_features(self, projector_input: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The projector's input (N, p * p, C) -> the pooled (R, C) vectors its rows are made from."""
+        return self._pool(projector_input.reshape(-1, projector_input.shape[-1]), projector_input.shape[0])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        projector = self.vlm.multi_modal_projector
+        normed = projector.mm_soft_emb_norm(features[None])
+        return torch.matmul(normed, projector.mm_input_projection_weight)[0].type_as(features)
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -31,6 +68,7 @@ class Gemma3Adapter(ModelAdapter):
     class_names = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     model_types = ("gemma3",)
     default_checkpoint = "google/gemma-3-4b-it"
+    vision_probe_class = Gemma3Probe
 
     # --- layers and masks -----------------------------------------------------------------------
 

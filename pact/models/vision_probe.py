@@ -75,6 +75,16 @@ class VisionProbe(ABC):
             parts = [p[1:] for p in parts]
         return torch.cat(parts)
 
+    def row_features(self, projector_input: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The projector's input -> (R, F) features of its R output rows (what a method merges and
+        ``project`` maps to LLM rows). Default: the input already holds one feature vector per row
+        (LLaVA's MLP, SmolVLM's shuffled rows), in row order."""
+        if projector_input.numel() % num_rows:
+            raise RuntimeError(
+                f"vision capture: projector input of {projector_input.numel()} values for {num_rows} rows"
+            )
+        return projector_input.reshape(num_rows, -1)
+
     def views(self, rows: torch.Tensor, values: dict[str, torch.Tensor], segments: list[int]) -> list[tuple]:
         """Extra (rows, values) views for tokens the model builds from the rows (default: none)."""
         return []
