@@ -153,6 +153,32 @@ def test_the_ops_scale_by_hand():
     torch.testing.assert_close(rater_attention(queries, keys, torch.tensor([2]), scale=1.0)[0, :2], one)
 
 
+def test_signals_give_each_layers_scale():
+    """``Signals.attention_scale(j)``: ``scale_fn`` of layer j (default: this layer), else the
+    adapter's answer for layer j, else (no model) None."""
+    from pact.methods.base import Signals
+
+    base = {
+        "sample": 0,
+        "hidden": torch.zeros(3, 4),
+        "visual_mask": torch.tensor([False, True, True]),
+        "sizes": torch.ones(2),
+        "positions": torch.arange(3)[None],
+        "visual_index": torch.arange(2),
+        "config": None,
+        "qk_fn": None,
+        "cos_sin_fn": None,
+        "layer_input_fn": None,
+    }
+    given = Signals(layer=3, scale_fn=lambda j: 0.1 * j, **base)
+    assert given.attention_scale() == pytest.approx(0.3) and given.attention_scale(1) == pytest.approx(0.1)
+    assert Signals(layer=3, **base).attention_scale(2) is None
+    adapter = Gemma3Adapter(scaled_gemma3("eager", scalar=24))
+    adapter.layers[1].self_attn.scaling = 0.7
+    from_model = Signals(layer=3, adapter=adapter, **base)
+    assert from_model.attention_scale() == 24**-0.5 and from_model.attention_scale(1) == 0.7
+
+
 # --- (a) attention rows equal the eager model's output_attentions ----------------------------------
 
 

@@ -182,14 +182,14 @@ class Signals:
 
     def attention_scale(self, layer: int | None = None) -> float | None:
         """Softmax scale of decoder ``layer``'s attention logits (default: this layer), or None for
-        the scoring ops' default 1/sqrt(head_dim). From ``scale_fn`` if given, else the adapter;
-        Signals built with neither (hand-made q/k) use the default."""
+        the scoring ops' default 1/sqrt(head_dim). From ``scale_fn`` if given, else the adapter's
+        ``attention_scale``; Signals built with neither (hand-made q/k, or a stand-in adapter without
+        that method) use the default."""
         j = self.layer if layer is None else int(layer)
         if self._scale_fn is not None:
             return self._scale_fn(j)
-        if self.adapter is None:
-            return None
-        return self.adapter.attention_scale(self.adapter.layers[j])
+        read = getattr(self.adapter, "attention_scale", None)
+        return None if read is None else read(self.adapter.layers[j])
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._cos_sin_fn()
