@@ -379,13 +379,25 @@ def test_flash_attention_is_refused_with_the_reason():
         check_attention_backend(Gemma3Adapter(model), cfg, build_method(cfg))
 
 
-def test_unsupported_scale_is_refused():
-    model = tiny_gemma3("eager")
-    model.config.get_text_config().query_pre_attn_scalar = 24
+@pytest.mark.parametrize("config", ["pact", "fastv"])
+def test_query_pre_attn_scalar_other_than_head_dim_is_accepted(config):
+    """Gemma 3 27B's scale shape (query_pre_attn_scalar 168 with head_dim 128; here 21 with 16): the
+    adapter accepts it, reads each layer's scale from the model, and PACT / FastV run end to end
+    (cached == uncached greedy, visual tokens removed)."""
     from pact.models.gemma3 import Gemma3Adapter
 
-    with pytest.raises(ValueError, match="query_pre_attn_scalar=24"):
-        Gemma3Adapter(model).check_supported()
+    model = tiny_gemma3("sdpa")
+    model.config.get_text_config().query_pre_attn_scalar = 21
+    for layer in model.model.language_model.layers:
+        layer.self_attn.scaling = 21**-0.5  # what Gemma3Attention sets from that config
+    adapter = Gemma3Adapter(model)
+    adapter.check_supported()
+    assert [adapter.attention_scale(layer) for layer in adapter.layers] == [21**-0.5] * len(adapter.layers)
+    engine = install(model, config, layer=1)
+    x = batch([prompt([5, 6, 20, 21, 22])])
+    assert greedy_cached(model, x, 6) == greedy_uncached(model, x, 6)
+    record = engine.stats().records[0][0]
+    assert 0 < record.kept.numel() < 16
 
 
 BUNDLED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.json"))

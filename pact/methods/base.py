@@ -58,6 +58,10 @@ class Signals:
             this sample, before any reduction at or after j); only for layers the method lists in
             ``Method.input_layers``.
         qk_at(j, rope) -> (q, k): layer j's queries/keys of ``layer_input(j)``.
+        attention_scale(j=None) -> float | None: the softmax scale of layer j's attention logits
+            (default: this layer), to pass as ``scale=`` to the scoring ops with that layer's q/k
+            (``pact.models.base.ModelAdapter.attention_scale``); None means the ops' default
+            1/sqrt(head_dim) (every family but Gemma 3 with query_pre_attn_scalar != head_dim).
         num_layers: how many decoder layers the model has.
         groups() -> list[Group]: the row-major grids (image, base crop, crop grid, frame, tile) of
             the sample's ORIGINAL visual tokens (``pact.models.groups.Group``; ``visual_index`` maps
@@ -92,6 +96,7 @@ class Signals:
         context: dict[str, Any] | None = None,
         num_layers: int | None = None,
         groups_fn: Callable[[], list[Any]] | None = None,
+        scale_fn: Callable[[int], float | None] | None = None,
     ) -> None:
         self.layer = layer
         self.sample = sample
@@ -110,6 +115,7 @@ class Signals:
         self._layer_input_fn = layer_input_fn
         self._num_layers = num_layers
         self._groups_fn = groups_fn
+        self._scale_fn = scale_fn
         self._cache: dict[Any, torch.Tensor | None] = {}
 
     @property
@@ -173,6 +179,17 @@ class Signals:
     def qk_at(self, layer: int, rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys of an earlier ``layer`` for the hidden states that entered it."""
         return self._qk(layer, rope)
+
+    def attention_scale(self, layer: int | None = None) -> float | None:
+        """Softmax scale of decoder ``layer``'s attention logits (default: this layer), or None for
+        the scoring ops' default 1/sqrt(head_dim). From ``scale_fn`` if given, else the adapter's
+        ``attention_scale``; Signals built with neither (hand-made q/k, or a stand-in adapter without
+        that method) use the default."""
+        j = self.layer if layer is None else int(layer)
+        if self._scale_fn is not None:
+            return self._scale_fn(j)
+        read = getattr(self.adapter, "attention_scale", None)
+        return None if read is None else read(self.adapter.layers[j])
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._cos_sin_fn()

@@ -64,6 +64,7 @@ def euti_token_scores(signals: Signals) -> torch.Tensor:
         query_from=cfg.euti_query,
         multiply_by_norm=bool(cfg.multiply_by_norm),
         norm_order=float(cfg.norm_order),
+        scale=signals.attention_scale(),
     )
 
 

@@ -45,7 +45,9 @@ def fastv_token_scores(signals: Signals) -> torch.Tensor:
                 "fastv_variant='original' needs the unreduced sequence at layer L-1; it cannot follow "
                 "another reduction step (set progressive=false)"
             )
-        return fastv_scores(q, k, signals.visual_mask, variant="original")
+        return fastv_scores(
+            q, k, signals.visual_mask, variant="original", scale=signals.attention_scale(prev)
+        )
     rope = bool(cfg.euti_rope)
     scores = fastv_scores(
         signals.queries(rope=rope),
@@ -53,6 +55,7 @@ def fastv_token_scores(signals: Signals) -> torch.Tensor:
         signals.visual_mask,
         causal=bool(cfg.fastv_causal),
         support=cfg.euti_support,
+        scale=signals.attention_scale(),
     )
     if cfg.multiply_by_norm:
         # The reference's pruning branch multiplies FastV's scores too (fastv.json sets it false).

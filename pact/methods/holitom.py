@@ -226,7 +226,8 @@ class HoliTom(VisionMethod):
         h, cos, sin = hidden_all[b, -t:], cos_all[b, -t:], sin_all[b, -t:]
         layer = self._adapter.layers[signals.layer - 1]
         _, _, q, k = self._adapter.queries_keys(layer, h, cos, sin, True, True)
-        return fastv_scores(q, k, signals.visual_mask, variant="original")
+        scale = signals.attention_scale(signals.layer - 1)
+        return fastv_scores(q, k, signals.visual_mask, variant="original", scale=scale)
 
     def inner(self, signals: Signals) -> Reduction:
         n = signals.num_visual

@@ -99,6 +99,7 @@ class Pact(Method):
                 query_from=cfg.euti_query,
                 multiply_by_norm=cfg.multiply_by_norm,
                 norm_order=cfg.norm_order,
+                scale=signals.attention_scale(),
             )
             vis_features = vis_features[keep_topk(scores, keep_ratio)]
         if target == 0 or vis_features.shape[0] == 0:
@@ -143,4 +144,5 @@ class Pact(Method):
             query_from=cfg.euti_query,
             multiply_by_norm=cfg.multiply_by_norm,
             norm_order=cfg.norm_order,
+            scale=signals.attention_scale() if self.prune else None,
         )

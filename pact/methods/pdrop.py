@@ -83,7 +83,9 @@ class PyramidDrop(Method):
         if plan not in signals.context:
             raise RuntimeError("PyramidDrop: the first stage of this sample did not run")
         q, k = signals.queries(rope=True), signals.keys(rope=True)
-        scores = fastv_scores(q.detach(), k.detach(), signals.visual_mask, variant="original")
+        scores = fastv_scores(
+            q.detach(), k.detach(), signals.visual_mask, variant="original", scale=signals.attention_scale()
+        )
         n = signals.num_visual
         kept = topk_indices(scores, min(n, signals.context[plan][stage]))
         return pruned_reduction(kept, n, signals.sizes, scores)

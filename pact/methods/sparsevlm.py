@@ -174,7 +174,7 @@ class SparseVLM(Method):
         if self.config.proportional_attention:
             bias = torch.zeros(t, device=q.device)
             bias[signals.visual_mask] = signals.sizes.float().log()
-        probs = rater_attention(q, k, rows, bias)
+        probs = rater_attention(q, k, rows, bias, scale=signals.attention_scale(signals.layer - 1))
         return probs[:, signals.visual_mask]
 
     def reduce(self, signals: Signals) -> Reduction:

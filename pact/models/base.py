@@ -12,6 +12,7 @@ paths below hold for all six families in transformers 5.23 (``model.model.langua
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,6 +148,33 @@ class ModelAdapter:
 
     def num_heads(self, layer: nn.Module) -> int:
         return int(layer.self_attn.q_proj.out_features) // self.head_dim(layer)
+
+    def attention_scale(self, layer: nn.Module) -> float | None:
+        """The softmax scale of ``layer``'s attention logits as the model applies it
+        (``layer.self_attn.scaling``), or None when it is exactly ``head_dim ** -0.5``, the scoring
+        ops' default (so those keep their exact default arithmetic).
+
+        Gemma 3 scales by ``query_pre_attn_scalar ** -0.5`` (27B: 168 ** -0.5 with head_dim 128);
+        the other registered families by ``head_dim ** -0.5``. A layer without ``self_attn`` (a
+        hybrid decoder's linear-attention layer, ``linear_attention_layers``) and an attention module
+        without ``scaling`` give None: Qwen3.5's Gated DeltaNet scales its queries by
+        ``head_k_dim ** -0.5`` itself, the default of the ops reading its q/k.
+
+        Raises:
+            ValueError: the scale is not a finite positive number (names the layer and the value).
+        """
+        attn = getattr(layer, "self_attn", None)
+        scaling = getattr(attn, "scaling", None) if attn is not None else None
+        if scaling is None:
+            return None
+        scale = float(scaling)
+        if not (math.isfinite(scale) and scale > 0):
+            index = next((i for i, m in enumerate(self.layers) if m is layer), "?")
+            raise ValueError(
+                f"decoder layer {index}'s attention scale (self_attn.scaling) is {scale}; "
+                "it must be a finite positive number"
+            )
+        return None if scale == float(self.head_dim(layer)) ** -0.5 else scale
 
     def queries_keys(
         self,

@@ -108,12 +108,8 @@ class Gemma3Adapter(ModelAdapter):
             return "use_bidirectional_attention=True (an encoder-style Gemma 3) has no causal order to keep"
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             return "attention logit soft-capping is not modelled by the key-based scores"
-        head_dim = int(cfg.head_dim)
-        if float(cfg.query_pre_attn_scalar) != float(head_dim):
-            return (
-                f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from head_dim={head_dim}: the "
-                "attention scores of EUTI / FastV-style methods assume the 1/sqrt(head_dim) scale"
-            )
+        # query_pre_attn_scalar != head_dim (27B: 168 vs 128) is supported: the scores read each
+        # layer's own scale (ModelAdapter.attention_scale).
         return None
 
     # --- visual tokens --------------------------------------------------------------------------

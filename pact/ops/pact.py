@@ -37,6 +37,7 @@ def pact_reduce(
     query_from: str = "prefix",
     multiply_by_norm: bool = True,
     norm_order: float = 2.0,
+    scale: float | None = None,
 ) -> Reduction:
     """The full PACT reduction of one sample's N visual tokens at one layer.
 
@@ -55,7 +56,7 @@ def pact_reduce(
         merge_mean: merged token = unweighted mean of all members (kept + retrieved), else the
             center keeps its own hidden state.
         prune / cluster: switch EUTI / DBDPC off for the ablations (see the module docstring).
-        support, query_from, multiply_by_norm, norm_order: EUTI options (see `euti_scores`).
+        support, query_from, multiply_by_norm, norm_order, scale: EUTI options (see `euti_scores`).
 
     Returns:
         Reduction over the N visual tokens (scores = EUTI scores when pruning, else None).
@@ -81,6 +82,7 @@ def pact_reduce(
             query_from=query_from,
             multiply_by_norm=multiply_by_norm,
             norm_order=norm_order,
+            scale=scale,
         )
         n = scores.numel()
         keep = keep_topk(scores, keep_ratio)

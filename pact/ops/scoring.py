@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 
 import torch
 
@@ -79,6 +80,13 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def check_scale(scale: float | None) -> None:
+    """Raise ValueError unless ``scale`` (a softmax logit scale) is None or a finite positive number."""
+    real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if scale is not None and not (real and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be None (1/sqrt(d)) or a finite positive number, got {scale!r}")
+
+
 def euti_scores(
     hidden: torch.Tensor,
     queries: torch.Tensor,
@@ -89,10 +97,11 @@ def euti_scores(
     query_from: str = "prefix",
     multiply_by_norm: bool = True,
     norm_order: float = 2.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """EUTI importance of every visual token, without any attention matrix.
 
-    score_i = ||h_i||_p * mean_h softmax_{j in S}( qbar_h . k_{h,j} / sqrt(d) )_i
+    score_i = ||h_i||_p * mean_h softmax_{j in S}( qbar_h . k_{h,j} * scale )_i
 
     with qbar_h the mean query of head h over Q and S the softmax support.
 
@@ -106,6 +115,7 @@ def euti_scores(
         query_from: "prefix" (reference code: qbar = mean query over P) or "visual" (paper eq. 1).
         multiply_by_norm: multiply by the p-norm of the hidden state (reference default True).
         norm_order: p of that norm.
+        scale: the layer's softmax scale (``ModelAdapter.attention_scale``); None: 1/sqrt(d).
 
     Returns:
         float32 (N,) scores of the N visual tokens, in sequence order. Empty if N == 0.
@@ -116,6 +126,7 @@ def euti_scores(
     """
     _check_choice("support", support, ("prefix", "visual"))
     _check_choice("query_from", query_from, ("prefix", "visual"))
+    check_scale(scale)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (T, D), got {tuple(hidden.shape)}")
     T = hidden.shape[0]
@@ -130,7 +141,8 @@ def euti_scores(
     qbar = q_rows.float().mean(0).view(H_kv, H // H_kv, d)  # (H_kv, n_rep, d): heads grouped by key head
     k_rows = keys[:prefix_len] if support == "prefix" else keys[vis]
     # (H_kv, n_rep, S): the grouped layout reads each key head once instead of repeating it n_rep times.
-    logits = torch.einsum("gnd,sgd->gns", qbar, k_rows.float()) / math.sqrt(d)
+    logits = torch.einsum("gnd,sgd->gns", qbar, k_rows.float())
+    logits = logits / math.sqrt(d) if scale is None else logits * scale
     attn = logits.softmax(dim=-1).reshape(H, -1).mean(0)  # (S,)
     scores = attn[vis] if support == "prefix" else attn
     if multiply_by_norm:
@@ -170,11 +182,12 @@ def fastv_scores(
     causal: bool = True,
     support: str = "prefix",
     chunk_size: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention received by each visual token (FastV-style scores), float32 (N,).
 
     variant="reference" (the reference's FastV): mean over every prefix query t in P and every head
-    of softmax_j(q_t . k_j / sqrt(d)) over the keys j of the softmax support (j <= t when `causal`),
+    of softmax_j(q_t . k_j * scale) over the keys j of the softmax support (j <= t when `causal`),
     read at the visual keys. `support`: "prefix" (keys = P, the reference's
     use_all_non_text_pruning=true) or "visual" (keys = the visual tokens only, its false; with
     `causal`, a query row that precedes every visual token sees no key and adds 0, as the
@@ -185,10 +198,12 @@ def fastv_scores(
     variant="original" (FastV paper): the head-mean attention of the LAST token of the sequence over
     all keys (it sees all of them), read at the visual keys (`support` must be "prefix").
 
+    `scale`: the layer's softmax scale (``ModelAdapter.attention_scale``); None: 1/sqrt(d).
     Pass the post-RoPE queries and keys to match the reference.
     """
     _check_choice("variant", variant, ("reference", "original"))
     _check_choice("support", support, ("prefix", "visual"))
+    check_scale(scale)
     T = queries.shape[0] if queries.dim() == 3 else -1
     H, H_kv, d = _check_heads(queries, keys, T)
     vis = _visual_positions(visual_mask, T)
@@ -196,7 +211,7 @@ def fastv_scores(
     if vis.numel() == 0:
         return torch.zeros(0, dtype=torch.float32, device=queries.device)
     n_rep = H // H_kv
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     if variant == "original":
         if support != "prefix":

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from pact.ops.scoring import check_finite
+from pact.ops.scoring import check_finite, check_scale
 
 __all__ = [
     "SPARSEVLM_SCHEDULES",
@@ -72,7 +72,8 @@ def rater_attention(
     Args:
         queries: (T, H, d) post-RoPE queries. keys: (T, H_kv, d) post-RoPE keys (GQA repeated here).
         rows: LongTensor[R] query positions. key_bias: optional (T,) added to every logit on a key
-            (the engine's log(size) under proportional attention). scale: default d^-1/2.
+            (the engine's log(size) under proportional attention). scale: the layer's softmax scale
+            (``ModelAdapter.attention_scale``); None: d^-1/2.
         chunk: query rows per block (memory O(chunk * H * T)).
     Returns:
         (R, T) float32; key j > row gets 0.
@@ -82,6 +83,7 @@ def rater_attention(
         raise ValueError(
             f"expected keys (T, H_kv, d) matching queries {tuple(queries.shape)}, got {tuple(keys.shape)}"
         )
+    check_scale(scale)
     scale = d**-0.5 if scale is None else scale
     k = keys.detach().float().repeat_interleave(h // keys.shape[1], dim=1)  # (T, H, d)
     pos = torch.arange(t, device=queries.device)
