@@ -13,7 +13,6 @@ their default arithmetic, bit for bit.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import FAMILIES, inputs_for, model_for, one_image
-from test_family_gemma3 import batch, greedy_cached, greedy_uncached, install, prompt, tiny_gemma3
+from test_family_gemma3 import (
+    IMG,
+    WINDOW,
+    batch,
+    greedy_cached,
+    greedy_uncached,
+    install,
+    prompt,
+    tiny_gemma3,
+)
 from test_method_holitom import video_sample
 
 import pact
@@ -37,24 +45,13 @@ ROWS = {"rtol": 1e-4, "atol": 1e-6}  # float32 attention rows: ours vs the eager
 
 
 def scaled_gemma3(impl: str, *, head_dim: int = 16, scalar: int = 4, layers: int = 4) -> Any:
-    """``tiny_gemma3``'s model built from its config with ``head_dim`` and ``query_pre_attn_scalar``
-    replaced (``Gemma3Attention`` sets ``scaling = query_pre_attn_scalar ** -0.5`` from the config);
-    per-head q/k norm weights randomised as ``tiny_gemma3`` does. Layers 1 and 3 are global layers."""
-    import transformers as T
-
-    cfg = copy.deepcopy(tiny_gemma3(impl, layers).config)
-    cfg.text_config.head_dim = head_dim
-    cfg.text_config.query_pre_attn_scalar = scalar
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = T.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    param.normal_(0.0, 0.5)
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = 0, 2, 1
-    return model.eval()
+    """``tiny_gemma3`` (the family's tiny model, window 8) with ``head_dim`` and
+    ``query_pre_attn_scalar`` replaced (``Gemma3Attention`` sets ``scaling = query_pre_attn_scalar **
+    -0.5`` from the config). Layers 1 and 3 are global layers."""
+    overrides = {"head_dim": head_dim, "query_pre_attn_scalar": scalar, "sliding_window": WINDOW}
+    return testing.tiny_model(
+        "gemma3", attn_implementation=impl, num_hidden_layers=layers, text_overrides=overrides
+    )
 
 
 @contextmanager
@@ -190,7 +187,7 @@ def test_gemma3_last_token_row_equals_eager_attention(config):
     x = batch([prompt([5, 6, 20, 21, 22])])
     with torch.no_grad():
         attn = model(**x, output_attentions=True).attentions[1]  # (1, H, T, T)
-    visual = x["input_ids"][0] == 250
+    visual = x["input_ids"][0] == IMG
     expected = attn[0, :, -1].float().mean(0)[visual]
     model.set_attn_implementation("sdpa")
     overrides = (
@@ -246,7 +243,7 @@ def test_gemma3_euti_equals_the_models_softmax_over_the_prefix(rope, clustering)
             for h in handles:
                 h.remove()
         hidden, q, k = seen["h"][0], seen["q"][0], seen["k"][0]
-    visual = x["input_ids"][0] == 250
+    visual = x["input_ids"][0] == IMG
     P = int(visual.nonzero()[-1]) + 1
     H = q.shape[0]
     k = k.repeat_interleave(H // k.shape[0], dim=0).float()  # (H, T, d)
