@@ -386,6 +386,81 @@ def test_holitom_never_moves_a_token_past_a_timestamp(family):
     assert st.visual_after[0] < outer.kept.numel()  # the inner merge at layer 2 ran too
 
 
+def returned_reductions(model: Any) -> list[Reduction]:
+    """The Reductions the applied method returns (order and hidden are not in the engine's records)."""
+    method = pact.api.engine_of(model).method
+    out: list[Reduction] = []
+    reduce = method.reduce
+
+    def wrapped(signals: Any) -> Reduction:
+        out.append(reduce(signals))
+        return out[-1]
+
+    method.reduce = wrapped  # this instance only; pact.remove drops the method
+    return out
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("family", TIMESTAMPED)
+def test_holitom_outer_merge_equals_the_stock_model_on_its_short_sequence(family, attn):
+    """The outer merge as a shorter input of the stock language model: the kept visual slots, in
+    sequence order, hold HoliTom's tokens in its order (each at its own (t, h, w) ids: a merged static
+    token its center's), every text row (timestamps, markers) stays with its stock ids, and on
+    Qwen3-VL DeepStack adds to each token the mean of its members' features (a kept token: its own).
+    Every text row's logits agree."""
+    model, _ = model_for(family, attn)
+    x = build(family, [mixed_samples(family)[-1]])
+    pact.api.apply(model, pact.load_config("holitom", holitom_inner_layer=None, holitom_retain_ratio=0.4))
+    reds = returned_reductions(model)
+    with torch.no_grad():
+        reduced = model(**x).logits[0]
+    red = reds[0]
+    pact.api.remove(model)
+    assert 0 < red.kept.numel() < red.labels.numel() and red.hidden is not None
+    merged = torch.bincount(red.labels[red.labels >= 0], minlength=red.kept.numel())
+    assert int(merged.max()) > 1, "no token was merged across frames"
+
+    call = text_model_call(model, x)
+    embeds, positions = call["inputs_embeds"][0], call["position_ids"][:, 0]
+    visual = (x["mm_token_type_ids"][0] != 0).nonzero().flatten()
+    token = red.kept if red.order is None else red.kept[red.order]  # what the i-th kept slot holds
+    source = red.order if red.order is not None else torch.arange(red.kept.numel())
+    slot_of = {int(visual[s]): i for i, s in enumerate(red.kept.tolist())}
+    dropped = set(visual.tolist()) - set(slot_of)
+    rows, row_pos, text_rows, is_visual, deepstack_rows = [], [], [], [], []
+    features = call.get("deepstack_visual_embeds")
+    for t in range(embeds.shape[0]):
+        if t in dropped:
+            continue
+        if t in slot_of:
+            i = slot_of[t]
+            rows.append(red.hidden[source[i]].to(embeds.dtype))
+            row_pos.append(positions[:, visual[token[i]]])
+            is_visual.append(True)
+            deepstack_rows.append((red.labels == source[i]).nonzero().flatten())
+        else:
+            text_rows.append((t, len(rows)))
+            rows.append(embeds[t])
+            row_pos.append(positions[:, t])
+            is_visual.append(False)
+    short = {
+        "inputs_embeds": torch.stack(rows)[None],
+        "position_ids": torch.stack(row_pos, 1)[:, None],
+        "use_cache": False,
+    }
+    if features is not None:  # DeepStack rows follow the visual tokens, image and video alike
+        short["visual_pos_masks"] = torch.tensor(is_visual)[None]
+        short["deepstack_visual_embeds"] = [
+            torch.stack([f[members].float().mean(0).to(f.dtype) for members in deepstack_rows])
+            for f in features
+        ]
+    with torch.no_grad():
+        stock = model.lm_head(get_adapter(model).text_model(**short).last_hidden_state)[0]
+    src = [t for t, _ in text_rows]
+    dst = [r for _, r in text_rows]
+    torch.testing.assert_close(reduced[src], stock[dst], atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # both methods: decoding and batches
 
