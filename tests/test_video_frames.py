@@ -315,6 +315,24 @@ def test_evs_keeps_vllms_choice_first_frame_included(family):
             assert set(first) <= set(expected)
 
 
+def test_evs_budget_counts_the_image_and_gives_the_rest_to_the_videos():
+    """Qwen3-VL, one sample: a 20-token image, a 2-frame and a 3-frame video of 6-token frames
+    (12 + 18). target_tokens 35: the image keeps 20, the videos share 15 in proportion,
+    12 * 15 // 30 = 6 and 18 * 15 // 30 = 9 (each at least its first frame)."""
+    family = "qwen3_vl"
+    model, _ = model_for(family)
+    sample = {"question": "Compare.", "images": [testing.sample_image(1)], "videos": [video(3, 4), video(4)]}
+    x = build(family, [sample])
+    assert [g.size for g in groups_of(family, x)[0]] == [20, 6, 6, 6, 6, 6]
+    pact.api.apply(model, pact.load_config("evs", target_tokens=35))
+    with torch.no_grad():
+        model(**x)
+    kept = pact.api.stats(model).records[0][0].kept.tolist()
+    assert kept[:20] == list(range(20))
+    assert len([k for k in kept if 20 <= k < 32]) == 6 and len([k for k in kept if k >= 32]) == 9
+    assert set(range(20, 26)) | set(range(32, 38)) <= set(kept)  # the first frames
+
+
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", TIMESTAMPED)
 def test_evs_equals_the_stock_language_model_on_the_pruned_sequence(family, attn):
