@@ -28,6 +28,9 @@ from pact.ops.video import (
 )
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+# Every family it runs on (the ADAPTERS order): the timestamped-frame families (Qwen3-VL, Qwen3.5,
+# GLM-4.1V) are tested in tests/test_video_frames.py; InternVL and SmolVLM2 are refused.
+RUNS_ON = (*SUPPORTED, "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v")
 OUTER_ONLY = {"holitom_inner_layer": None}
 
 
@@ -331,12 +334,12 @@ def test_inner_attention_equals_the_eager_models_attentions(family):
 # refusals
 
 
-@pytest.mark.parametrize("family", [f for f in testing.FAMILIES if f not in SUPPORTED])
+@pytest.mark.parametrize("family", [f for f in testing.FAMILIES if f not in RUNS_ON])
 def test_holitom_refuses_families_without_frame_layouts(family):
     model, _ = model_for(family)
     with pytest.raises(ValueError, match=f"holitom does not support the '{family}' model family: "):
         pact.api.apply(model, pact.load_config("holitom", **OUTER_ONLY))
-    assert HoliTom.families == SUPPORTED
+    assert HoliTom.families == RUNS_ON
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,8 @@ def test_layer0_decode_positions_continue_the_unreduced_timeline():
 
 def test_video_frames_are_runs_separated_by_timestamps():
     """The processor writes a timestamp before every frame: each frame is its own run of visual
-    tokens and its own grid (one image each for the grid-based methods)."""
+    tokens and its own grid, all of them frames of the one video (``run_media``; more in
+    tests/test_video_frames.py)."""
     model, _ = model_for(FAMILY)
     x = inputs_for(FAMILY, [{"question": "Describe the video.", "videos": [testing.sample_video(0)]}])
     t, h, w = (int(v) for v in x["video_grid_thw"][0])
@@ -284,7 +285,7 @@ def test_video_frames_are_runs_separated_by_timestamps():
     from pact.models.groups import Group, runs
 
     assert [n for _, n in runs(mask)] == [6, 6]
-    assert seen == [[Group(0, "image", 0, 2, 3), Group(1, "image", 6, 2, 3)]]
+    assert seen == [[Group(0, "frame", 0, 2, 3), Group(0, "frame", 6, 2, 3)]]
 
 
 def test_demo_on_a_saved_checkpoint(capsys, tmp_path):

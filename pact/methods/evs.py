@@ -16,9 +16,13 @@ The rule, as vLLM's ``vllm/multimodal/evs.py`` computes it per video:
   pruned tokens never reach vLLM's LLM, so positions are contiguous (``position_mode: "renumber"``
   in configs/evs.json gives both; docs/CONFIGDOC.md, "EVS", lists the differences).
 
-A video is a run of consecutive "frame" groups of ``Signals.groups()`` (one grid per LLM frame:
-a Qwen temporal patch of 2 input frames, a LLaVA-OneVision pooled frame). Images (and everything
-else that is not a frame) are left untouched, as in vLLM, where EVS prunes videos only.
+A video is the "frame" groups of one video index in ``Signals.groups()`` (``video_runs``; one grid
+per LLM frame: a Qwen temporal patch of 2 input frames, a LLaVA-OneVision pooled frame). On
+Qwen3-VL / Qwen3.5 / GLM-4.1V each frame is its own run after a timestamp text: the adapter tells
+which runs form one video (``ModelAdapter.run_media``, from ``video_grid_thw`` or the video markers),
+vLLM's unit too (its ``_postprocess_video_embeds_evs`` prunes each ``video_grid_thw`` item); the
+timestamps are text, never removed. Images (and everything else that is not a frame) are left
+untouched, as in vLLM, where EVS prunes videos only.
 
 Budget: ``target_tokens``/``target_ratio`` set the sample's total; the images keep all their tokens,
 the videos share the rest in proportion to their sizes (one video: exactly the rest), each keeping at
@@ -47,28 +51,36 @@ declare(
 
 
 def video_runs(groups: list[Group]) -> list[list[Group]]:
-    """The videos of a sample: maximal runs of consecutive "frame" groups of one image/video index,
-    one grid shape and contiguous tokens. Every other group (images, crops, tiles) is not a video.
+    """The videos of a sample: its "frame" groups gathered by video (their ``image`` index), in token
+    order. Every other group (images, crops, tiles) is not a video.
+
+    A video's frames are consecutive among the sample's visual tokens (``Group.start`` counts visual
+    tokens only), whether they are one run of visual tokens (Qwen2-VL, LLaVA-OneVision) or separate
+    runs with text between them (Qwen3-VL / Qwen3.5 timestamps, GLM-4.1V frame markers): the adapter
+    says which runs form one video (``ModelAdapter.run_media``), never their contiguity in the
+    sequence.
 
     Args:
         groups: the sample's groups in token order (``Signals.groups()``).
     Returns:
         One list of frame groups per video, in token order.
+    Raises:
+        ValueError: the frames of one video differ in grid shape or are not consecutive visual tokens.
     """
     videos: list[list[Group]] = []
     for g in groups:
         if g.kind != "frame":
             continue
         last = videos[-1][-1] if videos else None
-        if (
-            last is not None
-            and last.image == g.image
-            and (last.rows, last.cols) == (g.rows, g.cols)
-            and last.start + last.size == g.start
-        ):
-            videos[-1].append(g)
-        else:
+        if last is None or last.image != g.image:
             videos.append([g])
+            continue
+        if (last.rows, last.cols) != (g.rows, g.cols) or last.start + last.size != g.start:
+            raise ValueError(
+                f"the frames of video {g.image} are not consecutive grids of one shape: "
+                f"{last.rows} x {last.cols} at {last.start}, then {g.rows} x {g.cols} at {g.start}"
+            )
+        videos[-1].append(g)
     return videos
 
 
@@ -98,7 +110,7 @@ class EVS(Method):
 
     name = "evs"
     needs_merge = False
-    # Frames laid out as separate images (InternVL) cannot be told apart from a run of images: refused.
+    # Frames that nothing tells apart from images (InternVL, SmolVLM2: video_frames_as_images): refused.
     families = tuple(f for f, a in ADAPTERS.items() if a.has_video and not a.video_frames_as_images)
     inputs = "video"
     """The kind of visual input the method reduces (tests feed such configs videos)."""
@@ -111,8 +123,8 @@ class EVS(Method):
     def install(self, model: Any, adapter: Any) -> list[Any]:
         if adapter.family not in self.families:
             why = (
-                "its adapter lays video frames out as separate images, so the frames of one video "
-                "cannot be found"
+                "its video frames reach the language model as images that nothing in the call tells "
+                "apart from images, so the frames of one video cannot be found"
                 if adapter.has_video
                 else "the family takes no videos"
             )

@@ -3,8 +3,13 @@ Models"; official code cokeshao/HoliTom on LLaVA-OneVision / LLaVA-Video): outer
 segmentation and spatio-temporal merging of each video, plus an inner-LLM merge at one layer.
 
 Outer part (before decoder layer ``cfg.layer``, 0 in configs/holitom.json), per video of the sample
-(a run of "frame" groups of ``Signals.groups()``; images are left untouched, as the official code
-only touches videos), by ``pact.ops.video.holitom_video``:
+(the "frame" groups of one video index of ``Signals.groups()``, ``pact.methods.evs.video_runs``;
+images are left untouched, as the official code only touches videos), by
+``pact.ops.video.holitom_video``. On Qwen3-VL / Qwen3.5 / GLM-4.1V a text timestamp lies between
+frames: the video's visual tokens are still consecutive among the visual tokens, every output token
+sits at a visual slot of its own frame (a merged static token at its center in the window's first
+frame, with the center's (t, h, w) ids), so the reordering within a window never moves a token past
+a timestamp, and the timestamps stay:
 
 1. frames are segmented by the cosine similarity of each token with the same position in the next
    frame (threshold ``holitom_tau``; dynamic programming maximising the tokens saved);
@@ -99,8 +104,8 @@ class HoliTom(VisionMethod):
     inputs = "video"
     """The kind of visual input the method reduces (tests feed such configs videos)."""
     why_not = (
-        "HoliTom merges the frames of videos: the family takes no videos, or its adapter lays video "
-        "frames out as separate images"
+        "HoliTom merges the frames of videos: the family takes no videos, or its video frames reach the "
+        "language model as images that nothing in the call tells apart from images"
     )
 
     @classmethod

@@ -54,9 +54,13 @@ class ModelAdapter:
         model_types: ``config.model_type`` values this adapter accepts.
         mrope: True when positions are M-RoPE (t, h, w) triples (Qwen2-VL / Qwen2.5-VL).
         has_video: the Hugging Face class and processor accept videos.
-        video_frames_as_images: a video reaches the language model as one image-like tile per frame
-            (InternVL: "Frame<i>: <img>...</img>"), so its frames cannot be told apart from a run of
-            images; methods that need a video's frames (EVS, HoliTom) refuse the family.
+        video_frames_as_images: a video's frames reach the language model as images that nothing in
+            the call tells apart from images (InternVL: "Frame<i>: <img>...</img>" tiles, SmolVLM2:
+            frame images, both with the image token id and no video grid), so methods that need a
+            video's frames (EVS, HoliTom) refuse the family. Families whose frames are separate runs
+            that the call does identify (Qwen3-VL, Qwen3.5: ``<|video_pad|>`` runs counted by
+            ``video_grid_thw``; GLM-4.1V: runs between ``<|begin_of_video|>`` / ``<|end_of_video|>``)
+            keep it False and say which runs form one video in ``run_media``.
         default_checkpoint: hub id the lmms-eval model loads without ``pretrained=``.
         vision_probe_class: the ``pact.models.vision_probe.VisionProbe`` subclass of the family's
             vision encoder (None: vision-side methods do not run on this family).
@@ -335,12 +339,28 @@ class ModelAdapter:
         """
         raise ValueError(f"no visual token layout for model family {self.family!r}")
 
-    def position_groups(self, positions: torch.Tensor, visual_mask: torch.Tensor) -> list[Group]:
+    def position_groups(
+        self, positions: torch.Tensor, visual_mask: torch.Tensor, media: list[int] | None = None
+    ) -> list[Group]:
         """The grids of one sample's visual tokens from its (3, T) M-RoPE positions and (T,) visual
-        mask (``mrope`` families: each run of visual tokens spans an (h, w) grid, frame by frame)."""
+        mask (``mrope`` families: each run of visual tokens spans an (h, w) grid, frame by frame);
+        ``media``: the sample's ``run_media`` (None: each run is one image or video)."""
         if not self.mrope:
             raise ValueError(f"{self.family}: positions are not M-RoPE triples; use visual_groups")
-        return mrope_groups(positions, visual_mask)
+        return mrope_groups(positions, visual_mask, media)
+
+    def run_media(self, inputs: Mapping[str, Any]) -> list[list[int]] | None:
+        """Per sample, for each run of reduction candidates in token order, the index (per sample,
+        from 0) of the image or video it belongs to, for ``mrope`` families whose video frames are
+        separate runs with text between them (Qwen3-VL's timestamps): consecutive runs sharing an
+        index are the frames of one video (``pact.models.groups.mrope_groups``). ``inputs``: the
+        prefill call's keyword arguments, ``input_ids`` (B, T) included. None (the default): every
+        run is one image or one whole video (Qwen2-VL), or the call has no video.
+
+        Raises:
+            ValueError: the call does not say which runs form one video.
+        """
+        return None
 
     def _square_visual_groups(
         self, input_ids: torch.Tensor, inputs: Mapping[str, Any], per_image: int, kind: str

@@ -14,13 +14,21 @@ What differs from Qwen2-VL, and what it means here:
   exact because it calls the layer's own ``apply_rotary_pos_emb`` (checked by the q/k contract test).
 - Visual candidates are the ``<|image|>`` tokens (video frames use the same id); ``<|begin_of_image|>``,
   ``<|end_of_image|>``, ``<|begin_of_video|>``, ``<|end_of_video|>`` and timestamps are text.
+- Videos: the frames of one video are the ``<|image|>`` runs between one ``<|begin_of_video|>`` and
+  its ``<|end_of_video|>`` (the processor's own rule for ``mm_token_type_ids``, which
+  ``get_rope_index`` reads); ``run_media`` reads them from ``input_ids``, so ``Signals.groups()``
+  gives a video's frames as "frame" groups of one index and EVS / HoliTom run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
+from pact.models.groups import media_by_delimiters, runs
 from pact.models.qwen2_vl import Qwen2VLAdapter, QwenProbe
 
 
@@ -42,6 +50,18 @@ class Glm4vAdapter(Qwen2VLAdapter):
     model_types = ("glm4v",)
     default_checkpoint = "zai-org/GLM-4.1V-9B-Thinking"
     vision_probe_class = Glm4vProbe
-    # Each video frame is its own <|begin_of_image|> ... <|end_of_image|> run after a timestamp, so
-    # its groups are images: EVS / HoliTom (which need a video's frame sequence) refuse the family.
-    video_frames_as_images = True
+
+    def run_media(self, inputs: Mapping[str, Any]) -> list[list[int]] | None:
+        """The ``<|image|>`` runs between ``<|begin_of_video|>`` and ``<|end_of_video|>`` are the
+        frames of one video; every other run is an image. None without video."""
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"{self.family}: the frames of a video are found from the call's input_ids")
+        cfg = self.model.config
+        begin = input_ids == int(cfg.video_start_token_id)
+        if not bool(begin.any()):
+            return None
+        number = begin.long().cumsum(1)
+        inside = number - (input_ids == int(cfg.video_end_token_id)).long().cumsum(1) > 0
+        starts = [[a for a, _ in runs(row)] for row in self.candidate_mask(input_ids, inputs)]
+        return media_by_delimiters(starts, number, inside)

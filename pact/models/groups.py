@@ -13,6 +13,7 @@ call's context.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Group", "anyres_groups", "mrope_groups", "runs", "sample_groups", "square_groups"]
+__all__ = [
+    "Group",
+    "anyres_groups",
+    "media_by_delimiters",
+    "media_by_video_sizes",
+    "mrope_groups",
+    "runs",
+    "sample_groups",
+    "square_groups",
+]
 
 
 @dataclass(frozen=True)
@@ -76,28 +86,123 @@ def square_groups(run_lengths: list[int], per_image: int, kind: str) -> list[Gro
     return groups
 
 
-def mrope_groups(positions: torch.Tensor, visual_mask: torch.Tensor) -> list[Group]:
+def mrope_groups(
+    positions: torch.Tensor, visual_mask: torch.Tensor, media: list[int] | None = None
+) -> list[Group]:
     """Groups from M-RoPE positions (3, T) of one sample's valid tokens.
 
-    A run of visual tokens is one image or one video; its (h, w) positions span a rows x cols grid,
-    and a video run holds whole frames of rows * cols tokens (frame by frame: the temporal index
-    alone cannot split them, Qwen2.5-VL scales it by time and frames can share one value).
+    Each run of visual tokens spans, by its (h, w) positions, a rows x cols grid, and holds whole
+    frames of rows * cols tokens (frame by frame: the temporal index alone cannot split them,
+    Qwen2.5-VL scales it by time and frames can share one value).
+
+    Args:
+        positions: (3, T) the (t, h, w) ids; visual_mask: (T,) bool, the visual tokens.
+        media: for each run of visual tokens (in token order), the index of the image or video it
+            belongs to (``ModelAdapter.run_media``): consecutive runs with one index are the frames
+            of one video whose frames are separate runs (Qwen3-VL's timestamps between frames).
+            None: every run is one image or one video (Qwen2-VL).
+    Returns:
+        The grids in token order; an image or video of several frames gives one "frame" group per
+        frame (``image`` = its media index), otherwise one "image" group.
     """
-    groups: list[Group] = []
-    start = 0
-    for image, (a, length) in enumerate(runs(visual_mask)):
+    spans = runs(visual_mask)
+    if media is None:
+        media = list(range(len(spans)))
+    if len(media) != len(spans):
+        raise ValueError(f"{len(media)} media indices for {len(spans)} runs of visual tokens")
+    if media and (media[0] != 0 or any(b - a not in (0, 1) for a, b in itertools.pairwise(media))):
+        raise ValueError(f"media indices of the visual runs must count up from 0 in token order, got {media}")
+    grids: list[tuple[int, int, int, int]] = []  # (media, rows, cols, frames) per run
+    for index, (a, length) in zip(media, spans, strict=True):
         h, w = positions[1, a : a + length], positions[2, a : a + length]
         rows = int(h.max() - h.min()) + 1
         cols = int(w.max() - w.min()) + 1
         if length % (rows * cols):
             raise ValueError("the visual tokens' M-RoPE positions do not form whole grids")
-        frames = length // (rows * cols)
-        for f in range(frames):
-            groups.append(
-                Group(image, "frame" if frames > 1 else "image", start + f * rows * cols, rows, cols)
-            )
-        start += length
+        grids.append((index, rows, cols, length // (rows * cols)))
+    frames_of: dict[int, int] = {}
+    for index, _, _, frames in grids:
+        frames_of[index] = frames_of.get(index, 0) + frames
+    groups: list[Group] = []
+    start = 0
+    for index, rows, cols, frames in grids:
+        kind = "frame" if frames_of[index] > 1 else "image"
+        for _ in range(frames):
+            groups.append(Group(index, kind, start, rows, cols))
+            start += rows * cols
     return groups
+
+
+def media_by_video_sizes(
+    run_lengths: list[list[int]], run_is_video: list[list[bool]], video_sizes: list[int]
+) -> list[list[int]]:
+    """Which runs of visual tokens form one video when every frame is its own run (Qwen3-VL and
+    Qwen3.5: a timestamp before each frame), from each video's token count.
+
+    Args:
+        run_lengths: per sample, the length of each run of visual tokens, in token order.
+        run_is_video: per sample, whether each run holds video tokens (else an image).
+        video_sizes: the tokens of every video of the batch, in batch order (sample 0's videos
+            first, each sample's in token order), as the model's ``video_grid_thw`` counts them.
+    Returns:
+        Per sample, the media index of each run (``mrope_groups``'s ``media``): an image run its
+        own index, the consecutive runs of one video one shared index.
+    Raises:
+        ValueError: the runs do not add up to the videos' sizes (a frame split across two videos,
+            a video interrupted by an image or split between samples, too few or too many videos).
+    """
+    sizes = iter(video_sizes)
+    out: list[list[int]] = []
+    for sample, (lengths, is_video) in enumerate(zip(run_lengths, run_is_video, strict=True)):
+        media: list[int] = []
+        left = 0  # tokens of the current video not yet seen
+        for length, video in zip(lengths, is_video, strict=True):
+            if video and left:
+                media.append(media[-1])
+            else:
+                if left:
+                    raise ValueError(f"sample {sample}: an image run inside a video ({left} tokens left)")
+                media.append(media[-1] + 1 if media else 0)
+                left = next(sizes, 0) if video else 0
+                if video and not left:
+                    raise ValueError(f"sample {sample}: more video runs than the {len(video_sizes)} videos")
+            if video:
+                left -= length
+                if left < 0:
+                    raise ValueError(f"sample {sample}: a run of {length} video tokens overruns its video")
+        if left:
+            raise ValueError(f"sample {sample}: its last video lacks {left} tokens (split between samples?)")
+        out.append(media)
+    rest = sum(1 for _ in sizes)
+    if rest:
+        raise ValueError(f"{rest} of the {len(video_sizes)} videos given have no visual tokens in the batch")
+    return out
+
+
+def media_by_delimiters(
+    run_starts: list[list[int]], video_number: torch.Tensor, inside_video: torch.Tensor
+) -> list[list[int]]:
+    """Which runs of visual tokens form one video when every frame is its own run between the
+    video's begin/end tokens (GLM-4.1V: ``<|begin_of_video|>`` ... ``<|end_of_video|>``).
+
+    Args:
+        run_starts: per sample, the first token index of each run of visual tokens.
+        video_number: (B, T) long, how many video begin tokens precede or are at each token.
+        inside_video: (B, T) bool, the token lies between a video's begin and end tokens.
+    Returns:
+        Per sample, the media index of each run, as ``media_by_video_sizes``.
+    """
+    out: list[list[int]] = []
+    for b, starts in enumerate(run_starts):
+        media: list[int] = []
+        previous = None  # the video number of the previous run, None for an image
+        for a in starts:
+            video = int(video_number[b, a]) if bool(inside_video[b, a]) else None
+            same = video is not None and video == previous
+            media.append(media[-1] if same else (media[-1] + 1 if media else 0))
+            previous = video
+        out.append(media)
+    return out
 
 
 def anyres_groups(flags: torch.Tensor, base: int, image: int, start: int) -> tuple[list[Group], int]:
@@ -115,6 +220,7 @@ def anyres_groups(flags: torch.Tensor, base: int, image: int, start: int) -> tup
 
 
 _CACHE_KEY = "pact.layout.groups"
+_MEDIA_KEY = "pact.layout.run_media"
 
 
 def sample_groups(
@@ -144,7 +250,10 @@ def sample_groups(
             visual_index, torch.arange(num_visual, device=visual_index.device)
         ):
             raise ValueError("grid layouts are only available before any visual token was removed")
-        return adapter.position_groups(positions, visual_mask)
+        if _MEDIA_KEY not in cache:
+            cache[_MEDIA_KEY] = adapter.run_media(inputs)
+        media = cache[_MEDIA_KEY]
+        return adapter.position_groups(positions, visual_mask, None if media is None else media[sample])
     if _CACHE_KEY not in cache:
         cache[_CACHE_KEY] = adapter.visual_groups(inputs["input_ids"], inputs)
     groups = cache[_CACHE_KEY][sample]

@@ -24,7 +24,8 @@ with no RoPE (the layer has none). docs/CONFIGDOC.md ("Qwen3.5") says what that 
 DBDPC and the other key-based methods, and why L at a full-attention layer is the recommended use.
 
 Positions are Qwen3-VL's: (t, h, w) M-RoPE ids (the text model also gets a text row, dropped by
-``normalize_positions``), a video frame is its own vision run after a timestamp. No DeepStack.
+``normalize_positions``), a video frame is its own vision run after a timestamp (``run_media``
+finds which runs form one video, as for Qwen3-VL). No DeepStack.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 
 from pact.models.base import KNOWN_ATTENTION_CHILDREN, refuse_unknown_children
 from pact.models.qwen2_vl import Qwen2VLAdapter, QwenProbe
+from pact.models.qwen3_vl import timestamped_video_media
 
 LINEAR_ATTENTION_CHILDREN = frozenset(
     {"conv1d", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "norm", "out_proj"}
@@ -51,10 +53,11 @@ class Qwen3_5Adapter(Qwen2VLAdapter):  # noqa: N801 (mirrors the Hugging Face cl
     class_names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
     model_types = ("qwen3_5",)
     default_checkpoint = "Qwen/Qwen3.5-27B"
-    # The processor writes a timestamp before every frame, so each frame is its own visual run and
-    # its own "image" grid; which runs form one video is not derived yet: EVS / HoliTom refuse.
-    video_frames_as_images = True
     vision_probe_class = QwenProbe  # same ViT interface: fused qkv, vision RoPE, 2x2 patch merger
+
+    def run_media(self, inputs: Mapping[str, Any]) -> list[list[int]] | None:
+        """A video's frames are timestamped runs, as in Qwen3-VL: ``timestamped_video_media``."""
+        return timestamped_video_media(self, inputs)
 
     def candidate_mask(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Placeholder ids that the processor marked visual in ``mm_token_type_ids`` (1 image, 2
