@@ -275,7 +275,8 @@ def test_multi_round_follows_doc_to_text_and_reduces_every_round(tiny_qwen):
 
 
 @pytest.mark.parametrize(
-    "family", ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl", "smolvlm", "glm4v"]
+    "family",
+    ["qwen2_5_vl", "llava_onevision", "llava_next", "llava", "internvl", "smolvlm", "glm4v", "gemma3"],
 )
 def test_every_family_generates_and_scores_under_reduction(family, tmp_path):
     """Each registered model: generation and log-likelihoods at batch size 2 equal batch size 1,

@@ -203,20 +203,13 @@ def batch(prompts: list[list[int]]) -> dict:
 
 
 def install(model, config: str = "pact", **overrides):
-    from pact.config import load_config
-    from pact.engine import Engine, check_attention_backend
-    from pact.methods.base import build_method
-    from pact.models.gemma3 import Gemma3Adapter
+    """``pact.apply`` (replacing any earlier installation) and the engine it installed."""
+    import pact
+    import pact.api
 
-    cfg = load_config(config, **overrides)
-    adapter = Gemma3Adapter(model)
-    method = build_method(cfg) if cfg.reduction else None
-    if method is not None:
-        adapter.check_supported()
-    check_attention_backend(adapter, cfg, method)
-    engine = Engine(model, adapter, cfg, method)
-    engine.install()
-    return engine
+    pact.api.remove(model)
+    pact.api.apply(model, pact.load_config(config, **overrides))
+    return pact.api.engine_of(model)
 
 
 def logits(model, x) -> torch.Tensor:
@@ -252,12 +245,13 @@ def test_reduction_off_and_remove_are_bit_identical(impl):
     model = tiny_gemma3(impl)
     x = batch([prompt([5, 6]), prompt([5], images=2)])
     stock = logits(model, x)
-    engine = install(model, "pact", reduction=False)
+    import pact.api
+
+    install(model, "pact", reduction=False)
     assert torch.equal(logits(model, x), stock)
-    engine.remove()
-    engine = install(model, "pact", layer=1)
+    install(model, "pact", layer=1)
     assert not torch.equal(logits(model, x), stock)
-    engine.remove()
+    pact.api.remove(model)
     assert torch.equal(logits(model, x), stock)
 
 
@@ -481,3 +475,93 @@ def test_progressive_methods_cached_equals_uncached(config):
     cached = greedy_cached(model, x, 6)
     assert len(engine.stats().layers) > 1
     assert cached == greedy_uncached(model, x, 6)
+
+
+# ------------------------------------------------------------------ through the stock processor
+
+
+def pan_and_scan_inputs(processor, samples: list[dict]) -> dict:
+    """Left-padded inputs of the stock Gemma3Processor with pan-and-scan on (at the tiny scale: crops
+    of at least 28 px): a wide image becomes the original plus crops, each its own run of soft tokens
+    after "Here is the original image ... and here are some crops ..." text."""
+    texts = [
+        processor.apply_chat_template(T.prompt_messages(s), tokenize=False, add_generation_prompt=True)
+        for s in samples
+    ]
+    images = [list(s.get("images") or ()) for s in samples]
+    return processor(
+        text=texts,
+        images=images if any(images) else None,
+        do_pan_and_scan=True,
+        pan_and_scan_min_crop_size=28,
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pan_and_scan_crops_are_images_and_the_text_between_stays(impl):
+    """A pan-and-scan prompt from the stock processor (the original image + 3 crops of a 200 x 60
+    image), next to a plain image and a text-only sample: each crop is a 4 x 4 grid of its own, every
+    text token (the "Here is the original image ... crops ..." text between the runs) is kept, and
+    the batch equals each sample alone, cached greedy equals uncached."""
+    import pact
+    import pact.api
+    from pact.models import get_adapter
+
+    model = T.tiny_model("gemma3", attn_implementation=impl)
+    processor = T.tiny_processor("gemma3")
+    samples = [
+        {"question": "What is here?", "images": [T.sample_image(0, size=(200, 60))]},
+        {
+            "question": "Describe the picture.",
+            "images": [T.sample_image(1, size=(64, 64))],
+        },  # square: no crops
+        {"question": "Answer with a single word."},
+    ]
+    x = pan_and_scan_inputs(processor, samples)
+    ids = x["input_ids"][0]
+    adapter = get_adapter(model)
+    groups = adapter.visual_groups(x["input_ids"], x)
+    assert [(g.kind, g.rows, g.cols) for g in groups[0]] == [("image", 4, 4)] * 4
+    assert [(g.kind, g.rows, g.cols) for g in groups[1]] == [("image", 4, 4)]
+    assert "Here is the original image" in processor.tokenizer.decode(ids)
+    pact.api.apply(model, pact.load_config("pact", layer=1, keep_ratio=0.25))
+    with torch.no_grad():
+        together = model(**x).logits[:, -1]
+    engine = pact.api.engine_of(model)
+    for b in range(3):
+        valid = x["attention_mask"][b].bool()
+        orig = engine.layout.slot_orig[b]
+        text = torch.nonzero(valid & (x["input_ids"][b] != IMG)).flatten()
+        assert set(text.tolist()) <= set(orig.tolist()), f"sample {b}: text removed"
+    st = pact.api.stats(model)
+    assert st.visual_before == [64, 16, 0] and st.visual_after[0] < 64
+    for b, one in enumerate(samples):
+        alone = pan_and_scan_inputs(processor, [one])
+        with torch.no_grad():
+            torch.testing.assert_close(model(**alone).logits[0, -1], together[b], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        cached = model.generate(**x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        uncached = model.generate(**x, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    pact.api.remove(model)
+
+
+def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
+    """`pact demo --model DIR` on the real checkpoint layout (Gemma3ForConditionalGeneration +
+    Gemma3Processor saved to disk and reloaded offline)."""
+    from test_cli import run_cli
+
+    ckpt = T.save_tiny("gemma3", tmp_path / "gemma3")
+    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--set", "layer=2"]
+    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith(("no reduction", "PACT"))
+    }
+    stock, reduced = rows["no"], rows["PACT"]
+    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
