@@ -347,6 +347,37 @@ def test_load_video_samples_frames_uniformly(tmp_path):
     assert load_video(str(clip), 50).shape[0] == 10  # never more frames than the file has
 
 
+def test_gemma3_pan_and_scan_option(tmp_path):
+    """`do_pan_and_scan=true` reaches Gemma 3's processor: a wide image becomes the original plus
+    crops (more visual tokens, all reduced), generation at batch size 2 equals batch size 1; the
+    option is refused on other families and with a non-boolean value, naming the key."""
+    from pact import testing
+    from pact.eval.models import PactGemma3, PactQwen2VL
+
+    path = testing.save_tiny("gemma3", tmp_path / "gemma3")
+    docs = [
+        {"question": "What is in the picture?", "image": testing.sample_image(0, (1200, 300))},
+        {"question": "Is the sky green?", "image": None},
+        {"question": "Describe it.", "image": testing.sample_image(1, (96, 96))},
+    ]
+    counts = {}
+    for flag in (False, True):
+        lm = PactGemma3(pretrained=str(path), device="cpu", dtype="float32", layer=2, do_pan_and_scan=flag)
+        lm.task_dict = {"t": {"test": docs}}
+        gen = _requests("generate_until", docs, [{"max_new_tokens": 3}] * 3)
+        batched = lm.generate_until(gen)
+        lm.batch_size_per_gpu = 2
+        assert lm.generate_until(gen) == batched
+        counts[flag] = [s.visual_before for s in lm.recorder.samples[:3]]
+        assert all(s.visual_after < s.visual_before for s in lm.recorder.samples if s.visual_before)
+    assert counts[False] == [16, 0, 16]
+    assert counts[True][0] > 16 and counts[True][0] % 16 == 0 and counts[True][1:] == [0, 16]
+    with pytest.raises(ValueError, match="do_pan_and_scan=true: pan-and-scan is an option of Gemma 3"):
+        PactQwen2VL(pretrained=str(path), device="cpu", do_pan_and_scan=True)
+    with pytest.raises(ValueError, match="do_pan_and_scan"):
+        PactGemma3(pretrained=str(path), device="cpu", do_pan_and_scan="maybe")
+
+
 def test_bad_model_args_name_the_key(tiny_qwen):
     from pact.eval.models import PactLlavaOnevision, PactQwen2VL
 

@@ -67,6 +67,8 @@ LOADING_OPTIONS: dict[str, str] = {
     "batch_size": "requests per model call (lmms-eval's --batch_size)",
     "max_pixels": "Qwen families: image max pixels for the processor",
     "min_pixels": "Qwen families: image min pixels for the processor",
+    "do_pan_and_scan": "Gemma 3: pan-and-scan crops of non-square images, as the processor option "
+    "(default false, as the released processor configs)",
     "frames": "video frames sampled uniformly per video (default 32)",
     "max_new_tokens": "default when a task gives none (default 128)",
     "system_prompt": "optional system message",
@@ -128,6 +130,7 @@ def check_loading_args(
     use_cache: Any,
     trust_remote_code: Any,
     timing: Any,
+    do_pan_and_scan: Any = False,
 ) -> dict[str, Any]:
     """Validate the loading options of ``--model_args`` before anything is loaded.
 
@@ -145,6 +148,7 @@ def check_loading_args(
         "use_cache": _flag("use_cache", use_cache),
         "trust_remote_code": _flag("trust_remote_code", trust_remote_code),
         "timing": _flag("timing", timing),
+        "do_pan_and_scan": _flag("do_pan_and_scan", do_pan_and_scan),
     }
     for key, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
         out[key] = None if value is None else _positive_int(key, value)
@@ -323,6 +327,7 @@ class PactHFModel(lmms):
         trust_remote_code: bool = False,
         label: str | None = None,
         timing: bool = True,
+        do_pan_and_scan: bool = False,
         **overrides: Any,
     ) -> None:
         super().__init__()
@@ -346,9 +351,15 @@ class PactHFModel(lmms):
                 use_cache=use_cache,
                 trust_remote_code=trust_remote_code,
                 timing=timing,
+                do_pan_and_scan=do_pan_and_scan,
             )
+            if checked["do_pan_and_scan"] and self.family != "gemma3":
+                raise ValueError(
+                    "do_pan_and_scan=true: pan-and-scan is an option of Gemma 3's processor only"
+                )
         except ValueError as e:
             raise ValueError(f"pact_{self.family}: bad --model_args {e}") from e
+        self.do_pan_and_scan = checked["do_pan_and_scan"]
         max_pixels, min_pixels = checked["max_pixels"], checked["min_pixels"]
         try:
             self.config = load_config(parse_value(pact_config), **overrides)
@@ -370,6 +381,7 @@ class PactHFModel(lmms):
             "max_new_tokens": max_new_tokens,
             "system_prompt": system_prompt,
             "chat_template": chat_template,
+            "do_pan_and_scan": self.do_pan_and_scan,
             **overrides,
         }
         self.label = label or M.method_label(self.config.to_dict())
@@ -543,6 +555,8 @@ class PactHFModel(lmms):
         kwargs: dict[str, Any] = {}
         if any(images):
             kwargs["images"] = images  # nested per sample (LLaVA-OneVision counts images per sample)
+            if self.do_pan_and_scan:
+                kwargs["do_pan_and_scan"] = True
         flat_videos = [v for vs in videos for v in vs]
         if flat_videos:
             kwargs["videos"] = flat_videos
