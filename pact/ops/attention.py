@@ -154,7 +154,7 @@ def visible_keys(
     return visible
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: no elementwise ==
 class Visibility:
     """Which keys each query row of ONE sample sees at one decoder layer, in a form that scales (no
     T x T matrix): key row k is visible to query row t when (k <= t OR ``blocks[k] == blocks[t] >=
