@@ -867,6 +867,12 @@ class Engine:
                 )
             return st.reduced.layer_inputs[j][b, orig_valid]
 
+        rules = {}
+        if self.layer_rules is not None:  # the layers' own masks for the scoring ops (Visibility)
+            rules = {
+                "attention_blocks": self._slot_blocks()[b, slots] if st.prefill.blocks is not None else None,
+                "windows": [rule.window for rule in self.layer_rules],
+            }
         signals = Signals(
             layer=i,
             sample=b,
@@ -883,6 +889,7 @@ class Engine:
             adapter=self.adapter,
             inputs=st.prefill.inputs,
             context=st.context,
+            **rules,
         )
         red = self.method.reduce(signals)
         red.validate(int(vis_pos.numel()), int(hidden.shape[-1]))

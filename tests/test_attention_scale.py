@@ -179,21 +179,25 @@ def test_signals_give_each_layers_scale():
 # --- (a) attention rows equal the eager model's output_attentions ----------------------------------
 
 
+@pytest.mark.parametrize("read", [1, 2])
 @pytest.mark.parametrize("config", ["pdrop", "fastv_original"])
-def test_gemma3_last_token_row_equals_eager_attention(config):
-    """PDrop's stage at layer 1 and FastV's original variant at layer 2 both read layer 1's (a global
-    layer) last-token row: equal to the eager model's ``output_attentions`` at scale 4 ** -0.5."""
+def test_gemma3_last_token_row_equals_eager_attention(config, read):
+    """PDrop's stage at layer ``read`` and FastV's original variant at layer ``read`` + 1 both read
+    layer ``read``'s last-token row (1: a global layer; 2: a sliding one, whose window the row
+    follows, ``tests/test_masked_scores.py``): equal to the eager model's ``output_attentions`` at
+    scale 4 ** -0.5. The default-scale answer is computed under the same mask, so only the scale
+    differs."""
     model = scaled_gemma3("eager")
     x = batch([prompt([5, 6, 20, 21, 22])])
     with torch.no_grad():
-        attn = model(**x, output_attentions=True).attentions[1]  # (1, H, T, T)
+        attn = model(**x, output_attentions=True).attentions[read]  # (1, H, T, T)
     visual = x["input_ids"][0] == IMG
     expected = attn[0, :, -1].float().mean(0)[visual]
     model.set_attn_implementation("sdpa")
     overrides = (
-        {"pdrop_layers": "1,3", "pdrop_keep_ratios": "0.5,0.25", "pdrop_depth": 0}
+        {"pdrop_layers": f"{read},3", "pdrop_keep_ratios": "0.5,0.25", "pdrop_depth": 0}
         if config == "pdrop"
-        else {"layer": 2}
+        else {"layer": read + 1}
     )
     engine = install(model, config, **overrides)
     calls = spy(engine.method)
@@ -201,9 +205,12 @@ def test_gemma3_last_token_row_equals_eager_attention(config):
         model(**x)
     signals, red = calls[0]
     torch.testing.assert_close(red.scores, expected, **ROWS)
-    q, k = signals.qk_at(1, rope=True)
-    assert signals.attention_scale(1) == 0.5
-    assert_default_scale_differs(fastv_scores(q, k, signals.visual_mask, variant="original"), expected)
+    q, k = signals.qk_at(read, rope=True)
+    assert signals.attention_scale(read) == 0.5
+    rule = signals.attention_visibility(read)
+    assert rule.window == (WINDOW if read == 2 else None)
+    default = fastv_scores(q, k, signals.visual_mask, variant="original", visibility=rule)
+    assert_default_scale_differs(default, expected)
 
 
 @pytest.mark.parametrize(

@@ -22,12 +22,13 @@ method file needs no import list. The config's name lists (``pact.config.PRUNING
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pact.ops.attention import Visibility
 from pact.ops.reduction import Reduction
 
 
@@ -62,6 +63,13 @@ class Signals:
             (default: this layer), to pass as ``scale=`` to the scoring ops with that layer's q/k
             (``pact.models.base.ModelAdapter.attention_scale``); None means the ops' default
             1/sqrt(head_dim) (every family but Gemma 3 with query_pre_attn_scalar != head_dim).
+        attention_visibility(j=None) -> ``pact.ops.attention.Visibility``: which keys each of the T
+            tokens' query rows sees at layer j (default: this layer) under the layer's real mask:
+            causal, OR the same image block, AND the layer's sliding window over the tokens' rotary
+            positions (``positions[0]``). Pass it as ``visibility=`` to the attention-probability
+            ops with that layer's q/k of these T tokens, so their rows are the model's own. Plain
+            causal (``Visibility()``) on every family without ``ModelAdapter.layer_attention``
+            (all but Gemma 3).
         num_layers: how many decoder layers the model has.
         groups() -> list[Group]: the row-major grids (image, base crop, crop grid, frame, tile) of
             the sample's ORIGINAL visual tokens (``pact.models.groups.Group``; ``visual_index`` maps
@@ -97,6 +105,8 @@ class Signals:
         num_layers: int | None = None,
         groups_fn: Callable[[], list[Any]] | None = None,
         scale_fn: Callable[[int], float | None] | None = None,
+        attention_blocks: torch.Tensor | None = None,
+        windows: Sequence[int | None] | None = None,
     ) -> None:
         self.layer = layer
         self.sample = sample
@@ -116,6 +126,9 @@ class Signals:
         self._num_layers = num_layers
         self._groups_fn = groups_fn
         self._scale_fn = scale_fn
+        # the layer rules' inputs (the engine gives them; else derived from the adapter on demand)
+        self._blocks = attention_blocks
+        self._windows = None if windows is None else tuple(windows)
         self._cache: dict[Any, torch.Tensor | None] = {}
 
     @property
@@ -190,6 +203,50 @@ class Signals:
             return self._scale_fn(j)
         read = getattr(self.adapter, "attention_scale", None)
         return None if read is None else read(self.adapter.layers[j])
+
+    def attention_visibility(self, layer: int | None = None) -> Visibility:
+        """The mask rule of decoder ``layer`` (default: this layer) for this sample's T tokens (see the
+        class docstring). From the engine's ``attention_blocks`` (T,) and per-layer ``windows``; Signals
+        built without them read the adapter (``layer_attention``, ``attention_blocks`` of
+        ``inputs``), which describes the unreduced prompt only.
+
+        Raises:
+            ValueError: the adapter has per-layer rules but the tokens are a reduced layout the
+                Signals were given no blocks for.
+        """
+        j = self.layer if layer is None else int(layer)
+        windows = self._windows
+        read_rules = getattr(self.adapter, "layer_attention", None)
+        if windows is None and read_rules is not None:
+            rules = read_rules()
+            windows = None if rules is None else tuple(r.window for r in rules)
+            blocks = self._blocks if rules is None else self._adapter_blocks()
+        else:
+            blocks = self._blocks
+        window = None if windows is None else windows[j]
+        return Visibility(
+            blocks=blocks,
+            positions=None if window is None else self.positions[0],
+            window=None if window is None else int(window),
+        )
+
+    def _adapter_blocks(self) -> torch.Tensor | None:
+        """(T,) image blocks of the unreduced prompt's valid tokens, from the adapter (or given)."""
+        if self._blocks is not None:
+            return self._blocks
+        ids = self.inputs.get("input_ids")
+        blocks = None if ids is None else self.adapter.attention_blocks(ids, self.inputs)
+        if blocks is None:
+            return None
+        mask = self.inputs.get("attention_mask")
+        row = blocks[self.sample]
+        row = row[mask[self.sample].bool().to(row.device)] if isinstance(mask, torch.Tensor) else row
+        if row.numel() != self.hidden.shape[0]:
+            raise ValueError(
+                f"attention_visibility: the prompt has {row.numel()} tokens but these Signals hold "
+                f"{self.hidden.shape[0]} (a reduced layout): build them with attention_blocks"
+            )
+        return row.to(self.hidden.device)
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._cos_sin_fn()

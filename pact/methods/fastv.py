@@ -46,7 +46,12 @@ def fastv_token_scores(signals: Signals) -> torch.Tensor:
                 "another reduction step (set progressive=false)"
             )
         return fastv_scores(
-            q, k, signals.visual_mask, variant="original", scale=signals.attention_scale(prev)
+            q,
+            k,
+            signals.visual_mask,
+            variant="original",
+            scale=signals.attention_scale(prev),
+            visibility=signals.attention_visibility(prev),
         )
     rope = bool(cfg.euti_rope)
     scores = fastv_scores(
@@ -56,6 +61,7 @@ def fastv_token_scores(signals: Signals) -> torch.Tensor:
         causal=bool(cfg.fastv_causal),
         support=cfg.euti_support,
         scale=signals.attention_scale(),
+        visibility=signals.attention_visibility(),
     )
     if cfg.multiply_by_norm:
         # The reference's pruning branch multiplies FastV's scores too (fastv.json sets it false).

@@ -232,7 +232,9 @@ class HoliTom(VisionMethod):
         layer = self._adapter.layers[signals.layer - 1]
         _, _, q, k = self._adapter.queries_keys(layer, h, cos, sin, True, True)
         scale = signals.attention_scale(signals.layer - 1)
-        return fastv_scores(q, k, signals.visual_mask, variant="original", scale=scale)
+        # layer k - 1 ran on these tokens (nothing is reduced between it and layer k): its own mask
+        visibility = signals.attention_visibility(signals.layer - 1)
+        return fastv_scores(q, k, signals.visual_mask, variant="original", scale=scale, visibility=visibility)
 
     def inner(self, signals: Signals) -> Reduction:
         n = signals.num_visual

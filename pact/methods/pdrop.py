@@ -84,7 +84,12 @@ class PyramidDrop(Method):
             raise RuntimeError("PyramidDrop: the first stage of this sample did not run")
         q, k = signals.queries(rope=True), signals.keys(rope=True)
         scores = fastv_scores(
-            q.detach(), k.detach(), signals.visual_mask, variant="original", scale=signals.attention_scale()
+            q.detach(),
+            k.detach(),
+            signals.visual_mask,
+            variant="original",
+            scale=signals.attention_scale(),
+            visibility=signals.attention_visibility(),  # the layer's own mask (Gemma 3: its window)
         )
         n = signals.num_visual
         kept = topk_indices(scores, min(n, signals.context[plan][stage]))

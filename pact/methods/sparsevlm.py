@@ -98,7 +98,8 @@ class SparseVLM(Method):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self._adapter: Any = None  # set by install
-        self._inputs: dict[int, torch.Tensor] = {}  # layer l -> its (B, R, D) input in this prefill
+        # layer l -> its (B, R, D) input in this prefill and the (cos, sin) it received (or None)
+        self._inputs: dict[int, tuple[torch.Tensor, Any]] = {}
         if int(config.sparsevlm_budget) not in SPARSEVLM_SCHEDULES:
             raise ValueError(
                 f"sparsevlm_budget={config.sparsevlm_budget}: allowed values are the official budgets "
@@ -128,7 +129,8 @@ class SparseVLM(Method):
         for layer in self.stages(len(adapter.layers))[1:]:
 
             def keep(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
-                self._inputs[layer] = args[0] if args else kwargs["hidden_states"]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._inputs[layer] = (hidden, kwargs.get("position_embeddings"))
 
             handles.append(adapter.layers[layer].register_forward_pre_hook(keep, with_kwargs=True))
         return handles
@@ -159,8 +161,13 @@ class SparseVLM(Method):
         if layer not in self._inputs or self._adapter is None:
             raise ValueError(f"{self.name}: the input of layer {layer} was not recorded (use pact.apply)")
         # after a reduction the batch is left-padded: the sample's rows are the last ones
-        rows = self._inputs[layer][signals.sample, -signals.hidden.shape[0] :]
-        cos, sin = signals.cos_sin()
+        hidden, rope = self._inputs[layer]
+        t = signals.hidden.shape[0]
+        rows = hidden[signals.sample, -t:]
+        if rope is not None:  # layer l's own table (Gemma 3: sliding and global layers differ)
+            cos, sin = rope[0][signals.sample, -t:], rope[1][signals.sample, -t:]
+        else:
+            cos, sin = signals.cos_sin()
         _, _, q, k = self._adapter.queries_keys(self._adapter.layers[layer], rows, cos, sin, True, True)
         return q, k
 
@@ -174,7 +181,15 @@ class SparseVLM(Method):
         if self.config.proportional_attention:
             bias = torch.zeros(t, device=q.device)
             bias[signals.visual_mask] = signals.sizes.float().log()
-        probs = rater_attention(q, k, rows, bias, scale=signals.attention_scale(signals.layer - 1))
+        layer = signals.layer - 1  # ran on these tokens: its own scale and mask (Gemma 3: window, blocks)
+        probs = rater_attention(
+            q,
+            k,
+            rows,
+            bias,
+            scale=signals.attention_scale(layer),
+            visibility=signals.attention_visibility(layer),
+        )
         return probs[:, signals.visual_mask]
 
     def reduce(self, signals: Signals) -> Reduction:

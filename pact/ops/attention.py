@@ -7,6 +7,8 @@ exp(q.k / sqrt(d) + log s) = s * exp(q.k / sqrt(d)).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -97,16 +99,120 @@ def build_block_window_mask(
         raise ValueError(f"window must be a positive number of positions or None, got {window}")
     offset = K - q_len
     device = key_bias.device
-    query_row = torch.arange(offset, K, device=device)
-    causal = torch.arange(K, device=device)[None, :] <= query_row[:, None]  # (q_len, K)
-    q_block = key_block[:, offset:]  # (B, q_len)
-    same_block = (q_block[:, :, None] == key_block[:, None, :]) & (q_block[:, :, None] >= 0)  # (B, q, K)
-    visible = causal[None] | same_block
-    if window is not None:
-        q_pos = key_position[:, offset:]
-        visible &= key_position[:, None, :] > q_pos[:, :, None] - window
+    visible = visible_keys(
+        torch.arange(offset, K, device=device)[None],
+        torch.arange(K, device=device)[None],
+        query_blocks=key_block[:, offset:],
+        key_blocks=key_block,
+        query_positions=key_position[:, offset:],
+        key_positions=key_position,
+        window=window,
+    )  # (B, q_len, K)
     mask = key_bias.float()[:, None, :].expand(-1, q_len, -1).masked_fill(~visible, float("-inf"))
     mask = mask[:, None].contiguous()  # (B, 1, q_len, K)
     dead = torch.isneginf(mask).all(dim=-1)
     mask[..., offset:].diagonal(dim1=-2, dim2=-1).masked_fill_(dead, 0.0)
     return mask.to(dtype)
+
+
+# --- Which keys a query row sees (the rule above, for scoring ops) ----------------------------------
+
+
+def visible_keys(
+    query_rows: torch.Tensor,
+    key_rows: torch.Tensor,
+    *,
+    query_blocks: torch.Tensor | None = None,
+    key_blocks: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """bool (..., R, K): True where query row r sees key row k under "causal OR same image block, AND
+    the sliding window" (the one definition of the pattern; ``build_block_window_mask`` uses it).
+
+    Args:
+        query_rows: (..., R) long, the queries' rows in the sequence (causality is by row order).
+        key_rows: (..., K) long, the keys' rows.
+        query_blocks, key_blocks: (..., R) / (..., K) long image blocks (>= 0; -1 for text and
+            padding): a query sees every key of its own block; both None: no blocks (causal).
+        query_positions, key_positions: (..., R) / (..., K) long positions the window is measured in
+            (needed when ``window`` is given).
+        window: W, a key is visible only when ``position(key) > position(query) - W``; None: no window.
+    Leading dimensions broadcast.
+    """
+    visible = key_rows[..., None, :] <= query_rows[..., :, None]
+    if (query_blocks is None) != (key_blocks is None):
+        raise ValueError("visible_keys: give both query_blocks and key_blocks, or neither")
+    if query_blocks is not None:
+        qb = query_blocks[..., :, None]
+        visible = visible | ((qb == key_blocks[..., None, :]) & (qb >= 0))
+    if window is not None:
+        if query_positions is None or key_positions is None:
+            raise ValueError(f"visible_keys: window={window} needs query_positions and key_positions")
+        visible = visible & (key_positions[..., None, :] > query_positions[..., :, None] - window)
+    return visible
+
+
+@dataclass(frozen=True, eq=False)  # tensor fields: no elementwise ==
+class Visibility:
+    """Which keys each query row of ONE sample sees at one decoder layer, in a form that scales (no
+    T x T matrix): key row k is visible to query row t when (k <= t OR ``blocks[k] == blocks[t] >=
+    0``) AND (``window`` is None OR ``positions[k] > positions[t] - window``).
+
+    blocks: (T,) long image block of each token (-1: text), or None (no blocks).
+    positions: (T,) long positions the window is measured in (the layer's rotary positions), or None
+        (then ``window`` must be None).
+    window: the layer's sliding window, or None (full layer).
+
+    ``Visibility()`` is plain causal attention (``is_causal``): the scoring ops then keep their
+    causal arithmetic exactly.
+    """
+
+    blocks: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+                raise ValueError(f"Visibility: window must be a positive int or None, got {self.window!r}")
+            if self.positions is None:
+                raise ValueError(f"Visibility: window={self.window} needs the tokens' positions")
+        for name in ("blocks", "positions"):
+            t = getattr(self, name)
+            if t is not None and t.dim() != 1:
+                raise ValueError(f"Visibility: {name} must be (T,), got {tuple(t.shape)}")
+
+    @property
+    def is_causal(self) -> bool:
+        """True when the rule is plain causal attention (no blocks, no window)."""
+        return self.blocks is None and self.window is None
+
+    def rows(self, query_rows: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
+        """bool (R, K): which of the keys at rows ``key_rows`` (K,) the queries at ``query_rows`` (R,)
+        see."""
+        b, p = self.blocks, self.positions if self.window is not None else None
+        return visible_keys(
+            query_rows,
+            key_rows,
+            query_blocks=None if b is None else b[query_rows],
+            key_blocks=None if b is None else b[key_rows],
+            query_positions=None if p is None else p[query_rows],
+            key_positions=None if p is None else p[key_rows],
+            window=self.window,
+        )
+
+    def reach(self) -> torch.Tensor:
+        """(T,) long: for each row t, 1 + the last key row that any query row <= t sees (a chunk of
+        query rows ending at t needs only the keys before ``reach[t]``): t + 1 under causality,
+        further for a row inside an image block (its block's last row)."""
+        if self.blocks is None:
+            raise ValueError("Visibility.reach: no blocks (the causal reach is t + 1)")
+        blocks = self.blocks
+        rows = torch.arange(blocks.numel(), device=blocks.device)
+        in_block = blocks >= 0
+        last = torch.full((int(blocks.max()) + 1 if bool(in_block.any()) else 1,), -1, device=blocks.device)
+        last = last.scatter_reduce(0, blocks[in_block], rows[in_block], reduce="amax")
+        own = torch.where(in_block, last[blocks.clamp(min=0)], rows)
+        return torch.cummax(torch.maximum(own, rows) + 1, dim=0).values

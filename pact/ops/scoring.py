@@ -20,6 +20,8 @@ import numbers
 
 import torch
 
+from pact.ops.attention import Visibility
+
 
 def check_finite(**tensors: torch.Tensor | None) -> None:
     """Raise ValueError naming the first input that holds NaN or Inf.
@@ -183,6 +185,7 @@ def fastv_scores(
     support: str = "prefix",
     chunk_size: int | None = None,
     scale: float | None = None,
+    visibility: Visibility | None = None,
 ) -> torch.Tensor:
     """Attention received by each visual token (FastV-style scores), float32 (N,).
 
@@ -199,6 +202,11 @@ def fastv_scores(
     all keys (it sees all of them), read at the visual keys (`support` must be "prefix").
 
     `scale`: the layer's softmax scale (``ModelAdapter.attention_scale``); None: 1/sqrt(d).
+    `visibility`: the layer's own mask rule for these T tokens (``Signals.attention_visibility``):
+    with `causal` (reference) and always (original) a query row sees exactly the keys the layer lets
+    it see (Gemma 3: a sliding window; image rows see their whole image), so the rows are the model's
+    own attention rows; None or plain causal: the causal rule above, with the same arithmetic.
+    `causal=False` ignores it (every query sees every key of the support).
     Pass the post-RoPE queries and keys to match the reference.
     """
     _check_choice("variant", variant, ("reference", "original"))
@@ -212,6 +220,9 @@ def fastv_scores(
         return torch.zeros(0, dtype=torch.float32, device=queries.device)
     n_rep = H // H_kv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    rule = None if visibility is None or visibility.is_causal else visibility
+    if rule is not None:
+        _check_visibility(rule, T)
 
     if variant == "original":
         if support != "prefix":
@@ -219,7 +230,12 @@ def fastv_scores(
                 "fastv_scores: variant='original' attends over every key; support must be 'prefix'"
             )
         q = queries[-1].float().view(H_kv, n_rep, d)
-        attn = torch.einsum("gnd,sgd->gns", q, keys.float()).mul_(scale).softmax(-1)
+        logits = torch.einsum("gnd,sgd->gns", q, keys.float()).mul_(scale)
+        if rule is not None:  # the last row's keys under the layer's rule (e.g. its window)
+            every = torch.arange(T, device=queries.device)
+            hidden_keys = ~rule.rows(every[-1:], every)[0]  # (T,)
+            logits.masked_fill_(hidden_keys, -math.inf)
+        attn = logits.softmax(-1)
         return attn.reshape(H, T).mean(0)[vis]
 
     P = int(vis[-1]) + 1
@@ -230,22 +246,27 @@ def fastv_scores(
     q = queries[:P].float()  # (P, H, d)
     rows = chunk_size or _chunk_rows(P, S, H)
     received = torch.zeros(S, dtype=torch.float32, device=queries.device)
+    masked = causal and rule is not None
+    # how far each row's keys reach: t + 1 (causal), or an image block's end (rows of an image see it all)
+    reach = rule.reach()[:P].tolist() if masked and rule.blocks is not None else None
     for start in range(0, P, rows):
         stop = min(P, start + rows)
         # Causal: queries < stop only see keys at positions < stop, so the chunk only needs those columns.
+        end = stop if reach is None else min(P, reach[stop - 1])  # the support ends at P
         if not causal:
             width = S
         elif key_pos_host is None:
-            width = stop
+            width = end
         else:
-            width = bisect.bisect_left(key_pos_host, stop)
+            width = bisect.bisect_left(key_pos_host, end)
         if width == 0:
             continue  # no query row of the chunk sees a key: they add 0
         qc = q[start:stop].view(stop - start, H_kv, n_rep, d).permute(1, 0, 2, 3)  # (H_kv, r, n_rep, d)
         logits = torch.matmul(qc.reshape(H_kv, -1, d), k[:, :, :width]).mul_(scale)  # (H_kv, r*n_rep, w)
         if causal:
             t = torch.arange(start, stop, device=q.device)
-            future = key_pos[None, :width] > t[:, None]  # (r, w)
+            # (r, w): the keys the row does not see (later ones; under a rule, what the layer hides)
+            future = ~rule.rows(t, key_pos[:width]) if masked else key_pos[None, :width] > t[:, None]
             logits = logits.view(H_kv, stop - start, n_rep, width)
             logits.masked_fill_(future[None, :, None], -math.inf)
         probs = logits.reshape(-1, width).softmax(-1)
@@ -254,6 +275,13 @@ def fastv_scores(
         received[:width] += probs.sum(0)
     received /= P * H
     return received[vis] if support == "prefix" else received
+
+
+def _check_visibility(rule: Visibility, length: int) -> None:
+    for name in ("blocks", "positions"):
+        t = getattr(rule, name)
+        if t is not None and t.numel() != length:
+            raise ValueError(f"visibility.{name} has {t.numel()} entries; the sequence has T={length} tokens")
 
 
 def keep_count(num: int, keep_ratio: float) -> int:

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from pact.ops.attention import Visibility
 from pact.ops.scoring import check_finite, check_scale
 
 __all__ = [
@@ -66,6 +67,7 @@ def rater_attention(
     key_bias: torch.Tensor | None = None,
     scale: float | None = None,
     chunk: int = 64,
+    visibility: Visibility | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention of a few query rows over every key, averaged over heads (float32).
 
@@ -75,8 +77,11 @@ def rater_attention(
             (the engine's log(size) under proportional attention). scale: the layer's softmax scale
             (``ModelAdapter.attention_scale``); None: d^-1/2.
         chunk: query rows per block (memory O(chunk * H * T)).
+        visibility: the layer's own mask rule for the T tokens (``Signals.attention_visibility``):
+            each row then sees exactly the keys the layer lets it see (Gemma 3: its window, its
+            image block); None or plain causal: causal.
     Returns:
-        (R, T) float32; key j > row gets 0.
+        (R, T) float32; a key the row does not see (j > row, when causal) gets 0.
     """
     t, h, d = queries.shape
     if keys.dim() != 3 or keys.shape[0] != t or h % keys.shape[1]:
@@ -87,6 +92,11 @@ def rater_attention(
     scale = d**-0.5 if scale is None else scale
     k = keys.detach().float().repeat_interleave(h // keys.shape[1], dim=1)  # (T, H, d)
     pos = torch.arange(t, device=queries.device)
+    rule = None if visibility is None or visibility.is_causal else visibility
+    for name in ("blocks", "positions"):
+        given = None if rule is None else getattr(rule, name)
+        if given is not None and given.numel() != t:
+            raise ValueError(f"visibility.{name} has {given.numel()} entries; queries have T={t} rows")
     out = []
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
@@ -94,7 +104,8 @@ def rater_attention(
         logits = torch.einsum("chd,thd->cht", q, k) * scale
         if key_bias is not None:
             logits = logits + key_bias.float()[None, None, :]
-        logits = logits.masked_fill((pos[None, :] > r[:, None])[:, None, :], float("-inf"))
+        hidden_keys = pos[None, :] > r[:, None] if rule is None else ~rule.rows(r, pos)  # (c, T)
+        logits = logits.masked_fill(hidden_keys[:, None, :], float("-inf"))
         out.append(torch.softmax(logits, dim=-1).mean(dim=1))
     if not out:
         return torch.zeros(0, t, device=queries.device)
