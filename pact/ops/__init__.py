@@ -1,6 +1,12 @@
 """Pure tensor algorithms of PACT and its baselines (no transformers import, no model knowledge)."""
 
-from pact.ops.attention import build_attention_mask, proportional_bias
+from pact.ops.attention import (
+    Visibility,
+    build_attention_mask,
+    build_block_window_mask,
+    proportional_bias,
+    visible_keys,
+)
 from pact.ops.dbdpc import (
     cosine_distances,
     dbdpc,
@@ -26,7 +32,9 @@ from pact.ops.scoring import (
 
 __all__ = [
     "Reduction",
+    "Visibility",
     "build_attention_mask",
+    "build_block_window_mask",
     "check_finite",
     "cluster_means",
     "cluster_sizes",
@@ -49,4 +57,5 @@ __all__ = [
     "reduction_from_keep",
     "retrieve",
     "topk_indices",
+    "visible_keys",
 ]
