@@ -516,3 +516,33 @@ def test_qwen3_vl_script_is_the_qwen2_vl_run_on_qwen3_vl():
     assert {_model_args(cmd)["pretrained"] for cmd in qwen3} == {"Qwen/Qwen3-VL-8B-Instruct"}
     moe = _dry_run("pact_qwen3-vl-8b.sh", LMMS_MODEL="pact_qwen3_vl_moe", TASKS="mme")
     assert [cmd[cmd.index("--model") + 1] for cmd in moe] == ["pact_qwen3_vl_moe"] * 2
+
+
+def test_gemma3_script_is_the_onevision_run_on_the_image_tasks():
+    """pact_gemma3-4b.sh: the paper's LLaVA-OneVision tasks without the four video ones, its PACT
+    point, gemma-3-4b-it on pact_gemma3; PAN_AND_SCAN=1 adds the processor option to both runs and any
+    other value stops the script before a run."""
+    ov = _dry_run("pact_llava-onevision7b.sh")
+    gemma = _dry_run("pact_gemma3-4b.sh")
+    video = {"videomme", "mlvu_dev", "perceptiontest_test_mc", "egoschema"}
+    ov_tasks = [cmd[cmd.index("--tasks") + 1] for cmd in ov]
+    assert [cmd[cmd.index("--tasks") + 1] for cmd in gemma] == [t for t in ov_tasks if t not in video]
+    assert len(gemma) == 2 * 12
+    assert {
+        (c.layer, c.keep_ratio, c.cutoff, c.retrieval_coef, c.pruning, c.clustering)
+        for c in _check_commands(gemma)
+        if c.reduction
+    } == {(4, 0.55, 0.21, 1.5, "euti", "dbdpc")}
+    assert all(cmd[cmd.index("--model") + 1] == "pact_gemma3" for cmd in gemma)
+    assert {_model_args(cmd)["pretrained"] for cmd in gemma} == {"google/gemma-3-4b-it"}
+    assert not any("do_pan_and_scan" in _model_args(cmd) for cmd in gemma)
+    scan = _dry_run("pact_gemma3-4b.sh", PAN_AND_SCAN="1", TASKS="docvqa_val")
+    assert [_model_args(cmd)["do_pan_and_scan"] for cmd in scan] == [True, True]
+    bad = subprocess.run(
+        ["bash", "scripts/pact_gemma3-4b.sh"],
+        cwd=REPO,
+        env=dict(os.environ, DRY_RUN="1", PAN_AND_SCAN="yes"),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stdout == "" and "PAN_AND_SCAN=yes: expected 0 or 1" in bad.stderr
