@@ -6,8 +6,10 @@ reduction candidates), how rotary embeddings are applied and recomputed, how man
 and where the vision tower is. It never touches masks, caches or reduction state (that is the
 engine's job) and never knows which method runs.
 
-Every family adapter subclasses ``ModelAdapter`` and overrides only what differs. The attribute
-paths below hold for all six families in transformers 5.23 (``model.model.language_model.layers``).
+Every family adapter subclasses ``ModelAdapter`` and overrides only what differs. The default
+attribute paths (``model.model.language_model.layers``, ``vision_tower`` / ``visual``) hold for every
+family in transformers 5.23 except SmolVLM2 (``text_model``, ``vision_model``), whose adapter
+overrides them.
 """
 
 from __future__ import annotations
