@@ -118,3 +118,21 @@ def test_vision_method_families_come_from_adapter_attributes():
     method = VisPruner(pact.load_config("vispruner"))
     with pytest.raises(ValueError, match="vispruner does not support the 'no_probe' model family"):
         method.install(model, adapter)
+
+
+def test_full_grids_refuses_a_reduced_sample_naming_the_method():
+    """Methods that read whole grids (pooling, EVS, HoliTom's outer merge) must be a sample's first
+    reduction: after an earlier one the grids hold more tokens than the sample has left."""
+    from pact.methods.layout import full_grids
+
+    def signals(n: int) -> Signals:
+        return Signals(
+            layer=0, sample=0, hidden=torch.zeros(n, 4), visual_mask=torch.ones(n, dtype=torch.bool),
+            sizes=torch.ones(n), positions=torch.arange(n)[None], visual_index=torch.arange(n), config=None,
+            qk_fn=None, cos_sin_fn=None, layer_input_fn=None, groups_fn=lambda: [Group(0, "image", 0, 2, 2)],
+        )  # fmt: skip
+
+    assert full_grids(signals(4), "evs needs the full frame grids") == [Group(0, "image", 0, 2, 2)]
+    with pytest.raises(ValueError, match=r"evs needs the full frame grids: it must be the first reduction "
+                       r"of the sample \(got 3 visual tokens for grids of 4\)"):  # fmt: skip
+        full_grids(signals(3), "evs needs the full frame grids")

@@ -20,7 +20,7 @@ import torch
 
 from pact.methods.base import CLUSTERING, PRUNING, Method, Signals, declare, register
 from pact.methods.budget import cluster_reduction, pruned_reduction, select_by_scores, target_count
-from pact.methods.layout import Group, sample_groups
+from pact.methods.layout import Group, full_grids
 from pact.ops.pooling import grid_pool
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import norm_scores, random_scores
@@ -121,12 +121,7 @@ class SpatialPooling(Method):
 
     def reduce(self, signals: Signals) -> Reduction:
         n = signals.num_visual
-        groups = sample_groups(signals)
-        if sum(g.size for g in groups) != n:
-            raise ValueError(
-                "spatial pooling needs the full image grids: it must be the first reduction of the sample "
-                f"(got {n} visual tokens for grids of {sum(g.size for g in groups)})"
-            )
+        groups = full_grids(signals, "spatial pooling needs the full image grids")
         target = target_count(self.config, n)
         stride = int(self.config.pooling_stride) if target is None else pooling_stride_for(groups, target)
         dev = signals.hidden.device

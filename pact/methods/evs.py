@@ -37,7 +37,7 @@ import torch
 
 from pact.methods.base import PRUNING, Method, Signals, declare, register
 from pact.methods.budget import pruned_reduction, target_count
-from pact.methods.layout import Group, sample_groups
+from pact.methods.layout import Group, full_grids
 from pact.models import ADAPTERS
 from pact.ops.reduction import Reduction
 from pact.ops.video import EVS_FIRST_FRAME_SCORE, evs_dissimilarity, evs_keep, evs_retained_count
@@ -136,12 +136,7 @@ class EVS(Method):
 
     def reduce(self, signals: Signals) -> Reduction:
         n = signals.num_visual
-        groups = sample_groups(signals)
-        if sum(g.size for g in groups) != n:
-            raise ValueError(
-                "evs needs the full frame grids: it must be the first reduction of the sample "
-                f"(got {n} visual tokens for grids of {sum(g.size for g in groups)})"
-            )
+        groups = full_grids(signals, "evs needs the full frame grids")
         dev = signals.hidden.device
         features = signals.hidden[signals.visual_mask]
         keep = torch.ones(n, dtype=torch.bool, device=dev)

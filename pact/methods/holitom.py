@@ -45,7 +45,7 @@ import torch
 from pact.methods.base import CLUSTERING, Signals, declare, register
 from pact.methods.budget import target_count
 from pact.methods.evs import video_runs
-from pact.methods.layout import sample_groups
+from pact.methods.layout import full_grids
 from pact.methods.vision import VisionMethod
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import fastv_scores, topk_indices
@@ -163,12 +163,7 @@ class HoliTom(VisionMethod):
     def outer(self, signals: Signals) -> Reduction:
         cfg = self.config
         n = signals.num_visual
-        groups = sample_groups(signals)
-        if sum(g.size for g in groups) != n:
-            raise ValueError(
-                "holitom needs the full frame grids: its outer merge must be the first reduction "
-                f"(got {n} visual tokens for grids of {sum(g.size for g in groups)})"
-            )
+        groups = full_grids(signals, "holitom needs the full frame grids for its outer merge")
         hidden = signals.hidden[signals.visual_mask]
         dev = hidden.device
         videos = video_runs(groups)
