@@ -859,6 +859,10 @@ def _gemma3_processor(tokenizer: Any, template: str) -> Any:
     )
 
 
+# the processor wraps every frame in <|vision_start|> ... <|vision_end|> after its timestamp
+_QWEN3_5_ENTRY = {**_QWEN_ENTRY, "video_placeholder": "<|video_pad|>"}
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(
         config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), **_QWEN_ENTRY
@@ -939,23 +943,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         "image token positions of videos too: both use the <|image|> id)",
         mixes_images_and_videos=False,
     ),
-    "qwen3_5": TinyFamily(
-        config=_qwen3_5_config,
-        processor=_qwen3_5_processor,
-        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        # the processor wraps every frame in <|vision_start|> ... <|vision_end|> after its timestamp
-        video_placeholder="<|video_pad|>",
-        placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
-        tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    ),
-    "qwen3_5_moe": TinyFamily(
-        config=_qwen3_5_moe_config,
-        processor=_qwen3_5_processor,
-        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        video_placeholder="<|video_pad|>",
-        placeholder_tokens=("<|image_pad|>", "<|video_pad|>"),
-        tokenizer_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    ),
+    "qwen3_5": TinyFamily(config=_qwen3_5_config, processor=_qwen3_5_processor, **_QWEN3_5_ENTRY),
+    "qwen3_5_moe": TinyFamily(config=_qwen3_5_moe_config, processor=_qwen3_5_processor, **_QWEN3_5_ENTRY),
     "gemma3": TinyFamily(
         config=_gemma3_config,
         processor=_gemma3_processor,
