@@ -365,7 +365,7 @@ def test_qwen_holitom_inner_row_follows_the_modules_scaling():
 
         def with_default(signals: Any) -> torch.Tensor:
             # the same row at the default scale, from the layer-2 input the method captured
-            hidden, (cos, sin) = method._inner_input
+            hidden, (cos, sin) = method.layer_inputs.get(2)
             t, adapter = signals.hidden.shape[0], get_adapter(model)
             qk = adapter.queries_keys(adapter.layers[2], hidden[0, -t:], cos[0, -t:], sin[0, -t:], True, True)
             default.append(fastv_scores(qk[2], qk[3], signals.visual_mask, variant="original"))

@@ -223,8 +223,7 @@ def test_holitom_inner_row_is_the_models_last_row_of_layer_k_minus_1(stages, k):
     engine = install(model, "pdrop", pdrop_layers=stages, pdrop_keep_ratios="0.75,0.5", pdrop_depth=0)
     calls = spy(engine.method)
     holitom = build_method(load_config("holitom", holitom_inner_layer=k))
-    holitom._adapter = engine.adapter
-    handle = engine.adapter.layers[k - 1].register_forward_pre_hook(holitom._capture_inner, with_kwargs=True)
+    (handle,) = holitom.layer_inputs.attach(engine.adapter, [k - 1])
     try:
         with torch.no_grad():
             attentions = model(**batch([two_images()]), output_attentions=True).attentions
@@ -237,7 +236,7 @@ def test_holitom_inner_row_is_the_models_last_row_of_layer_k_minus_1(stages, k):
     assert_layer_rule(signals, k - 1)
     expected = last_row(attentions, k - 1, visual)
     torch.testing.assert_close(row, expected, **ROWS)
-    hidden, (cos, sin) = holitom._inner_input
+    hidden, (cos, sin) = holitom.layer_inputs.get(k - 1)
     t = signals.hidden.shape[0]
     _, _, q, kk = engine.adapter.queries_keys(
         engine.adapter.layers[k - 1], hidden[0, -t:], cos[0, -t:], sin[0, -t:], True, True

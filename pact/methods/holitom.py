@@ -45,6 +45,7 @@ import torch
 from pact.methods.base import CLUSTERING, Signals, declare, register
 from pact.methods.budget import target_count
 from pact.methods.evs import video_runs
+from pact.methods.layer_inputs import LayerInputs
 from pact.methods.layout import full_grids
 from pact.methods.vision import VisionMethod
 from pact.ops.reduction import Reduction
@@ -108,6 +109,10 @@ class HoliTom(VisionMethod):
         "language model as images that nothing in the call tells apart from images"
     )
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.layer_inputs = LayerInputs(self.name)  # layer k - 1's input for the inner merge (install)
+
     @classmethod
     def supports(cls, adapter: Any) -> bool:
         return super().supports(adapter) and adapter.has_video and not adapter.video_frames_as_images
@@ -130,21 +135,12 @@ class HoliTom(VisionMethod):
         reads layer k - 1 after the outer one. Registered after the engine's own pre-hook, so it
         sees exactly what the layer gets."""
         handles = super().install(model, adapter)
-        self._adapter = adapter
-        self._inner_input: tuple[torch.Tensor, Any] | None = None
         inner = self.config.holitom_inner_layer
-        if inner is not None and inner - 1 < len(adapter.layers):
-            layer = adapter.layers[int(inner) - 1]
-            handles.append(layer.register_forward_pre_hook(self._capture_inner, with_kwargs=True))
-        return handles
-
-    def _capture_inner(self, module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] > 1:  # a prefill (decode steps feed one token)
-            self._inner_input = (hidden, kwargs.get("position_embeddings"))
+        layers = [int(inner) - 1] if inner is not None and inner - 1 < len(adapter.layers) else []
+        return handles + self.layer_inputs.attach(adapter, layers)
 
     def finish(self, context: dict[str, Any]) -> None:
-        self._inner_input = None
+        self.layer_inputs.clear()
 
     def reduce(self, signals: Signals) -> Reduction:
         if signals.layer == int(self.config.layer):
@@ -212,20 +208,7 @@ class HoliTom(VisionMethod):
         """float32 (N,): head-mean attention of the sample's last token over its visual tokens at
         layer k - 1 (post-RoPE q/k of the hidden states that layer received, recomputed exactly as
         the layer computes them, softmax in float32)."""
-        captured = getattr(self, "_inner_input", None)
-        if captured is None or captured[1] is None:
-            raise ValueError(
-                "holitom: the inner merge found no captured input of layer holitom_inner_layer - 1 for "
-                "this prefill (use pact.apply)"
-            )
-        hidden_all, (cos_all, sin_all) = captured
-        t = signals.hidden.shape[0]
-        # The engine left-pads the reduced batch, so the sample's valid tokens are its last t slots,
-        # in sequence order (the rows of signals.hidden).
-        b = signals.sample
-        h, cos, sin = hidden_all[b, -t:], cos_all[b, -t:], sin_all[b, -t:]
-        layer = self._adapter.layers[signals.layer - 1]
-        _, _, q, k = self._adapter.queries_keys(layer, h, cos, sin, True, True)
+        q, k = self.layer_inputs.queries_keys(signals, signals.layer - 1)
         scale = signals.attention_scale(signals.layer - 1)
         # layer k - 1 ran on these tokens (nothing is reduced between it and layer k): its own mask
         visibility = signals.attention_visibility(signals.layer - 1)

@@ -37,6 +37,7 @@ import torch
 
 from pact.methods.base import PRUNING, Method, Signals, declare, register
 from pact.methods.budget import target_count
+from pact.methods.layer_inputs import LayerInputs
 from pact.ops.reduction import Reduction
 from pact.ops.scoring import topk_indices
 from pact.ops.sparsevlm import (
@@ -97,9 +98,7 @@ class SparseVLM(Method):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self._adapter: Any = None  # set by install
-        # layer l -> its (B, R, D) input in this prefill and the (cos, sin) it received (or None)
-        self._inputs: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.layer_inputs = LayerInputs(self.name)  # the later pruning layers' inputs (install)
         if int(config.sparsevlm_budget) not in SPARSEVLM_SCHEDULES:
             raise ValueError(
                 f"sparsevlm_budget={config.sparsevlm_budget}: allowed values are the official budgets "
@@ -123,20 +122,10 @@ class SparseVLM(Method):
     def install(self, model: Any, adapter: Any) -> list[Any]:
         """Record the input of every later pruning layer (after a reduction the engine keeps none):
         a forward pre-hook, registered after the engine's, so it sees what the layer receives."""
-        self._adapter = adapter
-        self._inputs = {}
-        handles = []
-        for layer in self.stages(len(adapter.layers))[1:]:
-
-            def keep(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self._inputs[layer] = (hidden, kwargs.get("position_embeddings"))
-
-            handles.append(adapter.layers[layer].register_forward_pre_hook(keep, with_kwargs=True))
-        return handles
+        return self.layer_inputs.attach(adapter, self.stages(len(adapter.layers))[1:])
 
     def finish(self, context: dict[str, Any]) -> None:
-        self._inputs = {}
+        self.layer_inputs.clear()
 
     def _state(self, signals: Signals) -> dict[str, Any]:
         """Per-sample state of this call: N before the first stage and the raters (as offsets into
@@ -158,18 +147,7 @@ class SparseVLM(Method):
         stages = self.stages(signals.num_layers)
         if layer == stages[0]:
             return signals.qk_at(layer, rope=True)
-        if layer not in self._inputs or self._adapter is None:
-            raise ValueError(f"{self.name}: the input of layer {layer} was not recorded (use pact.apply)")
-        # after a reduction the batch is left-padded: the sample's rows are the last ones
-        hidden, rope = self._inputs[layer]
-        t = signals.hidden.shape[0]
-        rows = hidden[signals.sample, -t:]
-        if rope is not None:  # layer l's own table (Gemma 3: sliding and global layers differ)
-            cos, sin = rope[0][signals.sample, -t:], rope[1][signals.sample, -t:]
-        else:
-            cos, sin = signals.cos_sin()
-        _, _, q, k = self._adapter.queries_keys(self._adapter.layers[layer], rows, cos, sin, True, True)
-        return q, k
+        return self.layer_inputs.queries_keys(signals, layer)
 
     def scores(self, signals: Signals) -> torch.Tensor:
         """(R, N) float32 attention of the raters (rows) to the visual tokens at pruning layer l."""
