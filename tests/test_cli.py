@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAMILIES
 
 from pact import cli
 
@@ -361,6 +362,27 @@ def test_demo_on_a_checkpoint_counts_the_stock_visual_tokens(capsys, tmp_path, f
     stock, reduced = rows["no"], rows["PACT"]
     assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
     assert "FLOP-model ideal" in out and "round 2/2" in err and "warm-up 1/1" in err
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen2_vl", "llava_onevision")])
+def test_demo_on_every_familys_saved_checkpoint(capsys, tmp_path, family):
+    """`pact demo --model DIR` on each other family's real checkpoint layout (the tiny model and its
+    processor saved and reloaded offline): the stock row counts the visual tokens, PACT reduces them
+    (the two families above get the full check)."""
+    from pact import testing
+
+    ckpt = testing.save_tiny(family, tmp_path / family)
+    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--visual-tokens", "64"]
+    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
+    code, out, err = run_cli(capsys, *argv, "--set", "layer=1", "--set", "keep_ratio=0.5")
+    assert code == 0, err
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith(("no reduction", "PACT"))
+    }
+    stock, reduced = rows["no"], rows["PACT"]
+    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
 
 
 def test_readme_options_exist_in_the_help(capsys):

@@ -546,22 +546,3 @@ def test_pan_and_scan_crops_are_images_and_the_text_between_stays(impl):
         uncached = model.generate(**x, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     pact.api.remove(model)
-
-
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
-    """`pact demo --model DIR` on the real checkpoint layout (Gemma3ForConditionalGeneration +
-    Gemma3Processor saved to disk and reloaded offline)."""
-    from test_cli import run_cli
-
-    ckpt = T.save_tiny("gemma3", tmp_path / "gemma3")
-    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--set", "layer=2"]
-    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 0, err
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line.startswith(("no reduction", "PACT"))
-    }
-    stock, reduced = rows["no"], rows["PACT"]
-    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])

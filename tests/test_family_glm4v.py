@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import inputs_for, model_for, one_image
-from test_cli import run_cli
 
 import pact
 import pact.api
@@ -89,20 +88,3 @@ def test_video_frames_are_grids_and_cannot_share_a_batch_with_images():
     assert pact.api.stats(model).visual_after == [2 * 2]  # 2 x 2 pooling (ceil): 1 x 2 per frame
     with pytest.raises(ValueError, match="cannot batch images and videos"):
         testing.build_inputs(FAMILY, processor, [video, one_image(FAMILY)])
-
-
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
-    """`pact demo --model DIR` on the real checkpoint layout (Glm4vForConditionalGeneration +
-    Glm4vProcessor saved to disk and reloaded)."""
-    ckpt = testing.save_tiny(FAMILY, tmp_path / FAMILY)
-    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--set", "layer=2"]
-    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 0, err
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line.startswith(("no reduction", "PACT"))
-    }
-    stock, reduced = rows["no"], rows["PACT"]
-    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])

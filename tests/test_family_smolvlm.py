@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import greedy, inputs_for, model_for, one_image
-from test_cli import run_cli
 
 import pact
 import pact.api
@@ -108,20 +107,3 @@ def test_reduced_video_generation_cached_equals_uncached():
     pact.api.apply(model, pact.load_config("configs/pact.json", layer=2))
     assert torch.equal(greedy(model, x, n=3), greedy(model, x, n=3, use_cache=False))
     assert pact.api.stats(model).visual_before == [48]
-
-
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
-    """`pact demo --model DIR` on the real checkpoint layout (SmolVLMForConditionalGeneration +
-    SmolVLMProcessor saved to disk and reloaded)."""
-    ckpt = testing.save_tiny(FAMILY, tmp_path / FAMILY)
-    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--set", "layer=2"]
-    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 0, err
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line.startswith(("no reduction", "PACT"))
-    }
-    stock, reduced = rows["no"], rows["PACT"]
-    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])

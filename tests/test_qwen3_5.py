@@ -424,22 +424,3 @@ def test_placeholder_ids_outside_the_processor_s_visual_spans_are_no_candidates(
     mask = adapter.candidate_mask(ids, {"mm_token_type_ids": types})
     assert int(mask.sum()) == int((x["input_ids"] == testing.token_id("<|image_pad|>")).sum())
     assert not bool(mask[0, -1])
-
-
-@pytest.mark.parametrize("family", BOTH)
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path, family):
-    """`pact demo --model DIR` on the family's checkpoint layout (saved and reloaded offline)."""
-    from test_cli import run_cli
-
-    ckpt = testing.save_tiny(family, tmp_path / family)
-    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--visual-tokens", "64"]
-    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
-    code, out, err = run_cli(capsys, *argv, "--set", "layer=1", "--set", "keep_ratio=0.5")
-    assert code == 0, err
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line.startswith(("no reduction", "PACT"))
-    }
-    stock, reduced = rows["no"], rows["PACT"]
-    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])

@@ -288,26 +288,6 @@ def test_video_frames_are_runs_separated_by_timestamps():
     assert seen == [[Group(0, "frame", 0, 2, 3), Group(0, "frame", 6, 2, 3)]]
 
 
-def test_demo_on_a_saved_checkpoint(capsys, tmp_path):
-    """`pact demo --model DIR` on the tiny model saved in the real checkpoint layout and reloaded."""
-    from pact import cli
-
-    ckpt = testing.save_tiny(FAMILY, tmp_path / FAMILY)
-    argv = ["demo", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--visual-tokens", "64"]
-    argv += ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]
-    argv += ["--set", "layer=1", "--set", "keep_ratio=0.5"]
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line.startswith(("no reduction", "PACT"))
-    }
-    stock, reduced = rows["no"], rows["PACT"]
-    assert int(stock[2]) == int(stock[3]) > 0 and int(reduced[1]) == int(stock[2]) > int(reduced[2])
-
-
 # ---------------------------------------------------------------------------------------------------
 # InternVL3.5: the internvl family with a Qwen3 decoder (per-head q/k norms)
 
