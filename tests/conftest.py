@@ -77,6 +77,30 @@ def greedy(model: Any, inputs: Any, n: int = 3, **kw: Any) -> torch.Tensor:
     return out[:, inputs["input_ids"].shape[1] :]
 
 
+def text_model_call(model: Any, x: Any) -> dict[str, Any]:
+    """The keyword arguments the stock model passes its language model for ``x`` (inputs_embeds,
+    positions, DeepStack features ...), tensors cloned as they arrive."""
+    from pact.models import get_adapter
+
+    got: list[dict[str, Any]] = []
+
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        got.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+    handle = get_adapter(model).text_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def stock_embeds(model: Any, x: Any) -> torch.Tensor:
+    """(B, T, D) the inputs_embeds the stock model feeds its language model."""
+    return text_model_call(model, x)["inputs_embeds"]
+
+
 class PairMerge(Method):
     """Test method: visual tokens (2k, 2k+1) -> one token at 2k (mean hidden, size 2); with
     ``drop_every`` > 0, the partner of every ``drop_every``-th pair is pruned and dropped instead."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ATTENTION, model_for
+from conftest import ATTENTION, model_for, stock_embeds
 
 import pact
 import pact.api
@@ -144,20 +144,6 @@ def test_evs_budget_counts_the_images_and_keeps_the_first_frame():
 
 def video_sample(seed: int = 0, question: str = "Describe the video.") -> dict:
     return {"question": question, "videos": [testing.sample_video(seed)]}
-
-
-def stock_embeds(model: Any, x: Any) -> torch.Tensor:
-    """(B, T, D) the inputs_embeds the stock model feeds its language model."""
-    got = []
-    handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: got.append(k["inputs_embeds"].clone()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        handle.remove()
-    return got[0]
 
 
 def official_kept(model: Any, x: Any, sample: int, q: float) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ATTENTION, model_for
+from conftest import ATTENTION, model_for, stock_embeds
 
 import pact
 import pact.api
@@ -146,19 +146,6 @@ def returned_reductions(model: Any) -> list[Any]:
 
     method.reduce = wrapped  # this instance only; pact.remove drops the method
     return out
-
-
-def stock_embeds(model: Any, x: Any) -> torch.Tensor:
-    got = []
-    handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: got.append(k["inputs_embeds"].clone()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        handle.remove()
-    return got[0]
 
 
 @pytest.mark.parametrize("attn", ATTENTION)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ATTENTION, FAMILIES, greedy, inputs_for, model_for, one_image
+from conftest import ATTENTION, FAMILIES, greedy, inputs_for, model_for, one_image, stock_embeds
 
 import pact
 import pact.api
@@ -76,20 +76,6 @@ def two_samples(family: str) -> list[dict]:
         one_image(family, 0, (96, 64), "What is in the image?"),
         one_image(family, 1, (64, 120), "Describe the picture in one sentence."),
     ]
-
-
-def stock_embeds(model, x) -> torch.Tensor:
-    """(B, T, D) the inputs_embeds the stock model feeds its language model."""
-    got = []
-    handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: got.append(k["inputs_embeds"].clone()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        handle.remove()
-    return got[0]
 
 
 def shortened(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ATTENTION, model_for, tiny
+from conftest import ATTENTION, model_for, text_model_call, tiny
 
 import pact
 import pact.api
@@ -243,21 +243,6 @@ def test_a_call_without_grids_or_encoded_videos_says_so():
 
 # ---------------------------------------------------------------------------------------------------
 # EVS: vLLM's rule on the video embeddings entering layer 0
-
-
-def text_model_call(model: Any, x: Any) -> dict[str, Any]:
-    """The keyword arguments the stock model passes its language model (inputs_embeds, positions,
-    DeepStack features ...)."""
-    got: list[dict[str, Any]] = []
-    handle = get_adapter(model).text_model.register_forward_pre_hook(
-        lambda m, a, k: got.append(dict(k)), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        handle.remove()
-    return got[0]
 
 
 def vllm_evs_keep(frames_: torch.Tensor, q: float) -> list[int]:
