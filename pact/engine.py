@@ -196,10 +196,12 @@ class Reduced:
     timer: _Timer = field(default_factory=_Timer)
     injection: FollowedInjection | None = None  # visual features added after some layers (DeepStack)
     # per-layer rules (ModelAdapter.layer_attention): each layer's rotary positions and image blocks
-    # (B, R_i), and the current layout's cos/sin per rotary table (reset with every new layout)
+    # (B, R_i), and the current layout's cos/sin per rotary table and slot blocks (reset with every
+    # new layout)
     layer_positions: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     rule_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    slot_blocks: torch.Tensor | None = None
 
 
 @dataclass
@@ -619,12 +621,17 @@ class Engine:
 
     def _slot_blocks(self) -> torch.Tensor:
         """(B, R) long image block of each slot of the current layout (-1: text, padding). A new token
-        (``Reduction.extra``) takes the block of the slot it was placed after."""
-        pre, lay = self.state.prefill, self.state.reduced.layout
-        if pre.blocks is None:
-            return torch.full_like(lay.slot_orig, -1)
-        blocks = pre.blocks.to(lay.slot_orig.device)
-        return torch.where(lay.slot_orig >= 0, blocks.gather(1, lay.slot_orig.clamp(min=0)), -1)
+        (``Reduction.extra``) takes the block of the slot it was placed after. Computed once per
+        layout (every layer >= L and every sample's scoring read it)."""
+        pre, red = self.state.prefill, self.state.reduced
+        if red.slot_blocks is None:
+            slot_orig = red.layout.slot_orig
+            if pre.blocks is None:
+                red.slot_blocks = torch.full_like(slot_orig, -1)
+            else:
+                blocks = pre.blocks.to(slot_orig.device)
+                red.slot_blocks = torch.where(slot_orig >= 0, blocks.gather(1, slot_orig.clamp(min=0)), -1)
+        return red.slot_blocks
 
     def _rule_layer_inputs(
         self, i: int, hidden: torch.Tensor, args: tuple, kwargs: dict
@@ -821,7 +828,7 @@ class Engine:
             mask_dtype = lay.cos.dtype if not self.flash else torch.bool
             new.mask = self._mask(new.key_bias, packing.slot_ok, new_hidden.shape[1], mask_dtype)
         red.layout = new
-        red.rule_tables = {}
+        red.rule_tables, red.slot_blocks = {}, None
         red.layers_done.append(i)
         red.records.append(step_records)
         red.timer.stop()
